@@ -1,0 +1,213 @@
+//! `jobbroker.v1.BrokerService`: thin adapters from gRPC to [`Broker`].
+//!
+//! Each method converts and validates its request (`convert`), calls one domain method and converts the answer.
+//! The Lease stream adds one tracked task per stream that forwards the worker's messages to its session.
+
+use std::{
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use jobbroker::v1::{self as pb, broker_service_server::BrokerService};
+use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream, wrappers::UnboundedReceiverStream};
+use tokio_util::{
+    sync::{CancellationToken, DropGuard},
+    task::TaskTracker,
+};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::convert;
+use crate::{
+    config::Limits,
+    domain::{
+        Broker,
+        dispatch::{Session, SessionEvent},
+    },
+    error::Error,
+};
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+pub struct BrokerApi {
+    broker: Arc<Broker>,
+    limits: Limits,
+    tracker: TaskTracker,
+}
+
+impl BrokerApi {
+    pub fn new(broker: Arc<Broker>, limits: Limits, tracker: TaskTracker) -> BrokerApi {
+        BrokerApi { broker, limits, tracker }
+    }
+}
+
+/// A response stream that cancels `gone` when tonic drops it (the client went away or the call ended).
+struct Guarded<S> {
+    stream: S,
+    _gone: DropGuard,
+}
+
+impl<S: Stream + Unpin> Stream for Guarded<S> {
+    type Item = S::Item;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
+        Pin::new(&mut self.stream).poll_next(cx)
+    }
+}
+
+fn lease_response(event: SessionEvent) -> Result<pb::LeaseResponse, Status> {
+    use pb::lease_response::Response as R;
+    let response = match event {
+        SessionEvent::Assigned { lease_id, lease_expires_at, heartbeat_interval, job } => {
+            R::Assignment(pb::Assignment {
+                lease_id: lease_id.to_string(),
+                job: Some(convert::job(*job)),
+                lease_expires_at: Some(convert::time(lease_expires_at)),
+                heartbeat_interval: Some(convert::duration(heartbeat_interval)),
+            })
+        }
+        SessionEvent::Cancel { lease_id, job_id } => {
+            R::Cancel(pb::CancelNotice { lease_id: lease_id.to_string(), job_id: job_id.to_string() })
+        }
+        SessionEvent::Closed(error) => return Err(error.into()),
+    };
+    Ok(pb::LeaseResponse { response: Some(response) })
+}
+
+/// Forwards the worker's messages to its session until the worker goes away, then closes the session.
+async fn follow_stream(
+    broker: Arc<Broker>,
+    session: Arc<Session>,
+    mut inbound: Streaming<pb::LeaseRequest>,
+    limits: Limits,
+    gone: CancellationToken,
+) {
+    use pb::lease_request::Request as R;
+    let mut reading = true;
+    loop {
+        let message = tokio::select! {
+            message = inbound.message(), if reading => message,
+            () = gone.cancelled() => break,
+        };
+        let protocol_error = match message {
+            Ok(Some(pb::LeaseRequest { request: Some(R::Capacity(capacity)) })) => {
+                match convert::capacity(&capacity, &limits) {
+                    Ok(capacity) => {
+                        broker.set_capacity(&session, capacity);
+                        None
+                    }
+                    Err(error) => Some(error),
+                }
+            }
+            Ok(Some(pb::LeaseRequest { request: Some(R::Register(_)) })) => {
+                Some(Error::invalid("register", "must be sent exactly once, as the first message"))
+            }
+            Ok(Some(pb::LeaseRequest { request: None })) => Some(Error::invalid("request", "must be set")),
+            // The worker closed its sending side; it may still be receiving.
+            Ok(None) => {
+                reading = false;
+                None
+            }
+            Err(status) => {
+                tracing::debug!(%status, "lease stream broke");
+                break;
+            }
+        };
+        if let Some(error) = protocol_error {
+            session.fail(error);
+        }
+    }
+    broker.close_session(&session, true).await;
+}
+
+#[tonic::async_trait]
+impl BrokerService for BrokerApi {
+    #[tracing::instrument(skip_all, fields(jobs = request.get_ref().jobs.len()))]
+    async fn enqueue(&self, request: Request<pb::EnqueueRequest>) -> Result<Response<pb::EnqueueResponse>, Status> {
+        let specs = convert::enqueue_request(request.into_inner(), &self.limits)?;
+        let enqueued = self.broker.enqueue(specs).await?;
+        let jobs = enqueued.into_iter().map(|e| pb::EnqueuedJob { id: e.id.to_string(), created: e.created }).collect();
+        Ok(Response::new(pb::EnqueueResponse { jobs }))
+    }
+
+    type LeaseStream = ResponseStream<pb::LeaseResponse>;
+
+    #[tracing::instrument(skip_all, fields(worker))]
+    async fn lease(
+        &self,
+        request: Request<Streaming<pb::LeaseRequest>>,
+    ) -> Result<Response<Self::LeaseStream>, Status> {
+        let mut inbound = request.into_inner();
+        let register = match inbound.message().await? {
+            Some(pb::LeaseRequest { request: Some(pb::lease_request::Request::Register(register)) }) => register,
+            _ => return Err(Error::invalid("register", "the first message must be register").into()),
+        };
+        let registration = convert::register(register, &self.limits)?;
+        tracing::Span::current().record("worker", registration.worker_id.as_str());
+        let (session, events) = self.broker.open_session(registration).await?;
+        tracing::info!(session = %session.id, "worker stream opened");
+        let gone = CancellationToken::new();
+        let follow = follow_stream(self.broker.clone(), session, inbound, self.limits.clone(), gone.clone());
+        self.tracker.spawn(follow);
+        let stream = UnboundedReceiverStream::new(events).map(lease_response);
+        Ok(Response::new(Box::pin(Guarded { stream, _gone: gone.drop_guard() })))
+    }
+
+    #[tracing::instrument(skip_all, fields(leases = request.get_ref().leases.len()))]
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let beats = convert::heartbeat_request(request.into_inner())?;
+        let lease_ids: Vec<_> = beats.iter().map(|b| b.lease_id).collect();
+        let answers = self.broker.heartbeat(beats).await?;
+        let leases = lease_ids
+            .into_iter()
+            .zip(answers)
+            .map(|(lease_id, answer)| pb::LeaseStatus {
+                lease_id: lease_id.to_string(),
+                active: answer.is_some_and(|a| a.active),
+                lease_expires_at: answer.map(|a| convert::time(a.lease_expires_at)),
+                cancel_requested: answer.is_some_and(|a| a.cancel_requested),
+            })
+            .collect();
+        Ok(Response::new(pb::HeartbeatResponse { leases }))
+    }
+
+    #[tracing::instrument(skip_all, fields(lease_id = %request.get_ref().lease_id))]
+    async fn complete(&self, request: Request<pb::CompleteRequest>) -> Result<Response<pb::CompleteResponse>, Status> {
+        let (lease_id, outcome) = convert::complete_request(request.into_inner(), &self.limits)?;
+        let state = self.broker.complete(lease_id, outcome).await?;
+        Ok(Response::new(pb::CompleteResponse { state: convert::state(state).into() }))
+    }
+
+    #[tracing::instrument(skip_all, fields(job_id = %request.get_ref().id))]
+    async fn get_job(&self, request: Request<pb::GetJobRequest>) -> Result<Response<pb::GetJobResponse>, Status> {
+        let id = convert::uuid("id", &request.get_ref().id)?;
+        let job = self.broker.job(id).await?;
+        Ok(Response::new(pb::GetJobResponse { job: Some(convert::job(job)) }))
+    }
+
+    type WatchJobStream = ResponseStream<pb::WatchJobResponse>;
+
+    #[tracing::instrument(skip_all, fields(job_id = %request.get_ref().id))]
+    async fn watch_job(&self, request: Request<pb::WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
+        let id = convert::uuid("id", &request.get_ref().id)?;
+        let changes = self.broker.watch(id).await?;
+        let stream = ReceiverStream::new(changes).map(|change| match change {
+            Ok(job) => Ok(pb::WatchJobResponse { job: Some(convert::job(job)) }),
+            Err(error) => Err(error.into()),
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    #[tracing::instrument(skip_all, fields(job_id = %request.get_ref().id))]
+    async fn cancel_job(
+        &self,
+        request: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::CancelJobResponse>, Status> {
+        let id = convert::uuid("id", &request.get_ref().id)?;
+        let job = self.broker.cancel(id).await?;
+        Ok(Response::new(pb::CancelJobResponse { job: Some(convert::job(job)) }))
+    }
+}

@@ -1,0 +1,309 @@
+//! Proto messages in, domain values out (validated, with the offending field named), and back.
+//!
+//! Every request field SPEC limits is checked here, before anything reaches the domain or the database.
+//! Nothing here decides policy; defaults for unset fields are applied by the domain.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use jobbroker::v1 as pb;
+use uuid::Uuid;
+
+use crate::{
+    config::{Limits, MAX_JOB_DURATION},
+    domain::dispatch::Registration,
+    error::{Error, Result, Violation},
+    model::{Beat, Job, JobState, Outcome, Progress, SpecRequest},
+};
+
+/// Longest name of a queue or kind, and of a worker id.
+const MAX_NAME: usize = 128;
+const MAX_IDEMPOTENCY_KEY: usize = 256;
+const MAX_METADATA_KEY: usize = 256;
+const MAX_METADATA_VALUE: usize = 4096;
+const MAX_PROGRESS_MESSAGE: usize = 1024;
+/// Failure messages longer than this are truncated, not refused: a worker should not lose its completion.
+const MAX_ERROR_MESSAGE: usize = 4096;
+const MAX_QUEUES_PER_STREAM: usize = 64;
+const MAX_BEATS: usize = 1000;
+
+/// Collects every violation of a request, so one answer names all bad fields.
+#[derive(Default)]
+struct Check(Vec<Violation>);
+
+impl Check {
+    fn fail(&mut self, field: impl Into<String>, description: impl Into<String>) {
+        self.0.push(Violation::new(field, description));
+    }
+
+    fn name(&mut self, field: impl Into<String>, value: &str) {
+        let valid = (1..=MAX_NAME).contains(&value.len())
+            && value.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b));
+        if !valid {
+            self.fail(field, format!("must match [A-Za-z0-9_.:-]{{1,{MAX_NAME}}}"));
+        }
+    }
+
+    fn max_len(&mut self, field: impl Into<String>, len: usize, max: usize) {
+        if len > max {
+            self.fail(field, format!("must be at most {max} bytes (got {len})"));
+        }
+    }
+
+    /// An optional duration: unset stays `None`; set must be ≥ 1 ms and ≤ 30 days.
+    fn duration(&mut self, field: impl Into<String>, value: Option<&prost_types::Duration>) -> Option<Duration> {
+        let field = field.into();
+        let value = value?;
+        match Duration::try_from(*value) {
+            Ok(d) if d < Duration::from_millis(1) => self.fail(field, "must be positive (at least 1ms)"),
+            Ok(d) if d > MAX_JOB_DURATION => self.fail(field, "must be at most 30 days"),
+            Ok(d) => return Some(d),
+            Err(_) => self.fail(field, "must be a positive, well-formed duration"),
+        }
+        None
+    }
+
+    fn done<T>(self, value: T) -> Result<T> {
+        if self.0.is_empty() { Ok(value) } else { Err(Error::Invalid(self.0)) }
+    }
+}
+
+pub fn uuid(field: &str, text: &str) -> Result<Uuid> {
+    Uuid::parse_str(text).map_err(|_| Error::invalid(field, format!("must be a UUID (got `{}`)", clip(text))))
+}
+
+fn clip(text: &str) -> &str {
+    let end = text.char_indices().nth(64).map_or(text.len(), |(i, _)| i);
+    &text[..end]
+}
+
+fn timestamp(value: &prost_types::Timestamp) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp(value.seconds, u32::try_from(value.nanos).ok()?)
+}
+
+pub fn enqueue_request(request: pb::EnqueueRequest, limits: &Limits) -> Result<Vec<SpecRequest>> {
+    let mut check = Check::default();
+    if request.jobs.is_empty() || request.jobs.len() > limits.max_jobs_per_enqueue {
+        check.fail("jobs", format!("must hold 1 to {} jobs (got {})", limits.max_jobs_per_enqueue, request.jobs.len()));
+        return check.done(Vec::new());
+    }
+    let specs = request.jobs.into_iter().enumerate().map(|(i, spec)| job_spec(&mut check, i, spec, limits)).collect();
+    check.done(specs)
+}
+
+fn job_spec(check: &mut Check, index: usize, spec: pb::JobSpec, limits: &Limits) -> SpecRequest {
+    let field = |name: &str| format!("jobs[{index}].{name}");
+    check.name(field("queue"), &spec.queue);
+    check.name(field("kind"), &spec.kind);
+    check.max_len(field("payload"), spec.payload.len(), limits.max_payload_bytes);
+    if !(-1000..=1000).contains(&spec.priority) {
+        check.fail(field("priority"), "must be in -1000..=1000");
+    }
+    let run_at = spec.run_at.as_ref().and_then(|t| {
+        let parsed = timestamp(t);
+        if parsed.is_none() {
+            check.fail(field("run_at"), "must be a well-formed timestamp");
+        }
+        parsed
+    });
+    if spec.max_attempts > 1000 {
+        check.fail(field("max_attempts"), "must be in 1..=1000 (0 takes the default)");
+    }
+    check.max_len(field("idempotency_key"), spec.idempotency_key.len(), MAX_IDEMPOTENCY_KEY);
+    if spec.metadata.len() > limits.max_metadata_entries {
+        check.fail(field("metadata"), format!("must have at most {} entries", limits.max_metadata_entries));
+    }
+    for (key, value) in &spec.metadata {
+        if key.is_empty() {
+            check.fail(field("metadata"), "keys must not be empty");
+        }
+        check.max_len(field(&format!("metadata[{}]", clip(key))), key.len(), MAX_METADATA_KEY);
+        check.max_len(field(&format!("metadata[{}]", clip(key))), value.len(), MAX_METADATA_VALUE);
+    }
+    let lease_ttl = check.duration(field("lease_ttl"), spec.lease_ttl.as_ref());
+    let execution_timeout = check.duration(field("execution_timeout"), spec.execution_timeout.as_ref());
+    let retry = spec.retry.unwrap_or_default();
+    let initial_backoff = check.duration(field("retry.initial_backoff"), retry.initial_backoff.as_ref());
+    let max_backoff = check.duration(field("retry.max_backoff"), retry.max_backoff.as_ref());
+    if let (Some(initial), Some(max)) = (initial_backoff, max_backoff)
+        && initial > max
+    {
+        check.fail(field("retry.initial_backoff"), "must not exceed retry.max_backoff");
+    }
+    let multiplier = (retry.multiplier != 0.0).then_some(retry.multiplier);
+    if multiplier.is_some_and(|m| !(1.0..=100.0).contains(&m)) {
+        check.fail(field("retry.multiplier"), "must be in 1.0..=100.0 (0 takes the default)");
+    }
+    SpecRequest {
+        queue: spec.queue,
+        kind: spec.kind,
+        payload: spec.payload,
+        priority: spec.priority,
+        run_at,
+        max_attempts: (spec.max_attempts != 0).then_some(spec.max_attempts),
+        lease_ttl,
+        execution_timeout,
+        idempotency_key: (!spec.idempotency_key.is_empty()).then_some(spec.idempotency_key),
+        initial_backoff,
+        max_backoff,
+        multiplier,
+        metadata: spec.metadata.into_iter().collect(),
+    }
+}
+
+pub fn register(register: pb::Register, limits: &Limits) -> Result<Registration> {
+    let mut check = Check::default();
+    if register.worker_id.is_empty() || register.worker_id.len() > MAX_NAME * 2 {
+        check.fail("register.worker_id", format!("must be 1 to {} bytes", MAX_NAME * 2));
+    }
+    if register.queues.is_empty() || register.queues.len() > MAX_QUEUES_PER_STREAM {
+        check.fail("register.queues", format!("must name 1 to {MAX_QUEUES_PER_STREAM} queues"));
+    }
+    for (i, queue) in register.queues.iter().enumerate() {
+        check.name(format!("register.queues[{i}]"), queue);
+    }
+    if register.capacity > limits.max_stream_capacity {
+        check.fail("register.capacity", format!("must be at most {}", limits.max_stream_capacity));
+    }
+    if register.labels.len() > limits.max_metadata_entries {
+        check.fail("register.labels", format!("must have at most {} entries", limits.max_metadata_entries));
+    }
+    if register.held_lease_ids.len() > limits.max_stream_capacity as usize {
+        check.fail("register.held_lease_ids", format!("must name at most {} leases", limits.max_stream_capacity));
+    }
+    let held_leases = register
+        .held_lease_ids
+        .iter()
+        .enumerate()
+        .filter_map(|(i, id)| match Uuid::parse_str(id) {
+            Ok(id) => Some(id),
+            Err(_) => {
+                check.fail(format!("register.held_lease_ids[{i}]"), "must be a UUID");
+                None
+            }
+        })
+        .collect();
+    check.done(Registration {
+        worker_id: register.worker_id,
+        queues: register.queues,
+        capacity: register.capacity,
+        held_leases,
+    })
+}
+
+pub fn capacity(capacity: &pb::SetCapacity, limits: &Limits) -> Result<u32> {
+    if capacity.capacity > limits.max_stream_capacity {
+        return Err(Error::invalid("capacity.capacity", format!("must be at most {}", limits.max_stream_capacity)));
+    }
+    Ok(capacity.capacity)
+}
+
+pub fn heartbeat_request(request: pb::HeartbeatRequest) -> Result<Vec<Beat>> {
+    let mut check = Check::default();
+    if request.leases.is_empty() || request.leases.len() > MAX_BEATS {
+        check.fail("leases", format!("must hold 1 to {MAX_BEATS} leases"));
+    }
+    let beats = request
+        .leases
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, beat)| {
+            if let Some(progress) = &beat.progress {
+                if progress.percent > 100 {
+                    check.fail(format!("leases[{i}].progress.percent"), "must be in 0..=100");
+                }
+                check.max_len(format!("leases[{i}].progress.message"), progress.message.len(), MAX_PROGRESS_MESSAGE);
+            }
+            match Uuid::parse_str(&beat.lease_id) {
+                Ok(lease_id) => Some(Beat {
+                    lease_id,
+                    progress: beat.progress.map(|p| Progress { percent: p.percent, message: p.message }),
+                }),
+                Err(_) => {
+                    check.fail(format!("leases[{i}].lease_id"), "must be a UUID");
+                    None
+                }
+            }
+        })
+        .collect();
+    check.done(beats)
+}
+
+pub fn complete_request(request: pb::CompleteRequest, limits: &Limits) -> Result<(Uuid, Outcome)> {
+    let lease_id = uuid("lease_id", &request.lease_id)?;
+    let mut check = Check::default();
+    let outcome = match request.outcome {
+        None => {
+            check.fail("outcome", "must be one of success, failure or release");
+            Outcome::Release
+        }
+        Some(pb::complete_request::Outcome::Success(success)) => {
+            check.max_len("success.result", success.result.len(), limits.max_payload_bytes);
+            Outcome::Success { result: success.result }
+        }
+        Some(pb::complete_request::Outcome::Failure(failure)) => {
+            let retry_after = check.duration("failure.retry_after", failure.retry_after.as_ref());
+            let mut message = failure.message;
+            if message.len() > MAX_ERROR_MESSAGE {
+                let end = (0..=MAX_ERROR_MESSAGE).rev().find(|&i| message.is_char_boundary(i)).unwrap_or(0);
+                message.truncate(end);
+            }
+            Outcome::Failure { message, non_retryable: failure.non_retryable, retry_after }
+        }
+        Some(pb::complete_request::Outcome::Release(_)) => Outcome::Release,
+    };
+    check.done((lease_id, outcome))
+}
+
+pub fn state(state: JobState) -> pb::JobState {
+    match state {
+        JobState::Queued => pb::JobState::Queued,
+        JobState::Leased => pb::JobState::Leased,
+        JobState::Succeeded => pb::JobState::Succeeded,
+        JobState::Failed => pb::JobState::Failed,
+        JobState::Cancelled => pb::JobState::Cancelled,
+    }
+}
+
+pub fn time(value: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: value.timestamp(), nanos: value.timestamp_subsec_nanos() as i32 }
+}
+
+pub fn duration(value: Duration) -> prost_types::Duration {
+    prost_types::Duration::try_from(value).unwrap_or_default()
+}
+
+pub fn job(job: Job) -> pb::Job {
+    let spec = job.spec;
+    pb::Job {
+        id: job.id.to_string(),
+        spec: Some(pb::JobSpec {
+            queue: spec.queue,
+            kind: spec.kind,
+            payload: spec.payload,
+            priority: spec.priority,
+            run_at: Some(time(job.run_at)),
+            max_attempts: spec.max_attempts,
+            lease_ttl: Some(duration(spec.lease_ttl)),
+            execution_timeout: spec.execution_timeout.map(duration),
+            idempotency_key: spec.idempotency_key.unwrap_or_default(),
+            retry: Some(pb::RetryPolicy {
+                initial_backoff: Some(duration(spec.retry.initial)),
+                max_backoff: Some(duration(spec.retry.max)),
+                multiplier: spec.retry.multiplier,
+            }),
+            metadata: spec.metadata.into_iter().collect(),
+        }),
+        state: state(job.state).into(),
+        attempt: job.attempt,
+        created_at: Some(time(job.created_at)),
+        run_at: Some(time(job.run_at)),
+        worker_id: job.worker_id.unwrap_or_default(),
+        lease_expires_at: job.lease_expires_at.map(time),
+        finished_at: job.finished_at.map(time),
+        last_error: job.last_error.unwrap_or_default(),
+        result: job.result.unwrap_or_default(),
+        progress: job.progress.map(|p| pb::Progress { percent: p.percent, message: p.message }),
+        cancel_requested: job.cancel_requested,
+    }
+}

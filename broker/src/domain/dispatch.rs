@@ -1,0 +1,403 @@
+//! Dispatch: the Lease streams connected to this replica, and the claims that feed them.
+//!
+//! Streams that subscribe to the same set of queues form a group; one task per group claims jobs for every free
+//! slot of every stream in the group with a single statement, then pushes each job down its stream. A group is
+//! woken by enqueues (in-process, or NOTIFY from another replica), by freed capacity, by a timer for the next
+//! scheduled job, and by a slow safety-net poll. Capacity is checked again at delivery, so a stream never holds
+//! more unfinished leases than it declared. This module does not decide retries or talk SQL itself.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use chrono::{DateTime, Utc};
+use tokio::sync::{Notify, mpsc};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use uuid::Uuid;
+
+use super::watch::Watchers;
+use crate::{
+    error::{Error, Result},
+    model::{Job, Settle, SettleLease, Slot},
+    store::Store,
+};
+
+/// What the broker tells one worker stream.
+#[derive(Debug)]
+pub enum SessionEvent {
+    Assigned {
+        lease_id: Uuid,
+        lease_expires_at: DateTime<Utc>,
+        heartbeat_interval: Duration,
+        job: Box<Job>,
+    },
+    Cancel {
+        lease_id: Uuid,
+        job_id: Uuid,
+    },
+    /// The broker is closing the stream (shutdown): reconnect elsewhere; leases stay valid.
+    Closed(Error),
+}
+
+/// A worker's Register message, validated.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    pub worker_id: String,
+    pub queues: Vec<String>,
+    pub capacity: u32,
+    pub held_leases: Vec<Uuid>,
+}
+
+/// Timing and sizing the dispatcher needs.
+#[derive(Debug, Clone)]
+pub struct DispatchSettings {
+    pub poll_interval: Duration,
+    pub reconnect_grace: Duration,
+    pub max_claim: usize,
+}
+
+/// One connected Lease stream.
+pub struct Session {
+    pub id: Uuid,
+    pub worker_id: String,
+    group: Arc<Group>,
+    state: Mutex<SessionState>,
+    events: mpsc::UnboundedSender<SessionEvent>,
+}
+
+struct SessionState {
+    capacity: u32,
+    /// Leases delivered on this stream and not known to be finished.
+    outstanding: HashSet<Uuid>,
+    /// Slots promised to a claim in flight.
+    reserved: u32,
+    closed: bool,
+}
+
+impl Session {
+    /// Ends the stream with `error` (a protocol violation by the worker).
+    pub fn fail(&self, error: Error) {
+        let _ = self.events.send(SessionEvent::Closed(error));
+    }
+}
+
+/// Streams subscribed to the same queue set, fed by one claim task.
+struct Group {
+    queues: Arc<[String]>,
+    sessions: Mutex<Vec<Arc<Session>>>,
+    wake: Notify,
+    stop: CancellationToken,
+}
+
+/// Where a lease delivered by this replica is running.
+struct LeaseHolder {
+    session: Arc<Session>,
+    job_id: Uuid,
+}
+
+/// All Lease streams of this replica.
+pub struct Dispatcher {
+    store: Store,
+    settings: DispatchSettings,
+    watchers: Arc<Watchers>,
+    groups: Mutex<HashMap<Arc<[String]>, Arc<Group>>>,
+    leases: Mutex<HashMap<Uuid, LeaseHolder>>,
+    /// Woken after a closed stream's grace, so its leases are re-queued without waiting for the next reap.
+    reaper: Arc<Notify>,
+    /// Set at shutdown: no new streams, no more claims.
+    closing: AtomicBool,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl Dispatcher {
+    pub fn new(
+        store: Store,
+        settings: DispatchSettings,
+        watchers: Arc<Watchers>,
+        reaper: Arc<Notify>,
+        tracker: TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Dispatcher {
+        Dispatcher {
+            store,
+            settings,
+            watchers,
+            groups: Mutex::default(),
+            leases: Mutex::default(),
+            reaper,
+            closing: AtomicBool::new(false),
+            tracker,
+            shutdown,
+        }
+    }
+
+    /// Opens a session for a registered worker. Leases it still holds from an earlier stream are adopted and
+    /// count against its capacity.
+    pub async fn open(
+        self: &Arc<Self>,
+        registration: Registration,
+    ) -> Result<(Arc<Session>, mpsc::UnboundedReceiver<SessionEvent>)> {
+        if self.closing.load(Ordering::SeqCst) {
+            return Err(Error::Unavailable("the broker is shutting down; connect to another replica".into()));
+        }
+        let id = Uuid::now_v7();
+        let adopted = if registration.held_leases.is_empty() {
+            Vec::new()
+        } else {
+            self.store.adopt_leases(id, &registration.worker_id, &registration.held_leases).await?
+        };
+        let mut queues = registration.queues;
+        queues.sort();
+        queues.dedup();
+        let (events, receive) = mpsc::unbounded_channel();
+        let mut groups = self.groups.lock().expect("groups lock");
+        let group = groups.entry(queues.into()).or_insert_with_key(|queues| self.start_group(queues.clone())).clone();
+        let session = Arc::new(Session {
+            id,
+            worker_id: registration.worker_id,
+            group: group.clone(),
+            state: Mutex::new(SessionState {
+                capacity: registration.capacity,
+                outstanding: HashSet::new(),
+                reserved: 0,
+                closed: false,
+            }),
+            events,
+        });
+        {
+            let mut leases = self.leases.lock().expect("leases lock");
+            let mut state = session.state.lock().expect("session lock");
+            for (lease_id, job_id) in adopted {
+                leases.insert(lease_id, LeaseHolder { session: session.clone(), job_id });
+                state.outstanding.insert(lease_id);
+            }
+        }
+        group.sessions.lock().expect("group lock").push(session.clone());
+        drop(groups);
+        group.wake.notify_one();
+        Ok((session, receive))
+    }
+
+    fn start_group(self: &Arc<Self>, queues: Arc<[String]>) -> Arc<Group> {
+        let group = Arc::new(Group {
+            queues,
+            sessions: Mutex::default(),
+            wake: Notify::new(),
+            stop: self.shutdown.child_token(),
+        });
+        let (dispatcher, task_group) = (self.clone(), group.clone());
+        self.tracker.spawn(async move { dispatcher.run_group(task_group).await });
+        group
+    }
+
+    /// Changes a stream's capacity; more capacity wakes its group.
+    pub fn set_capacity(&self, session: &Session, capacity: u32) {
+        session.state.lock().expect("session lock").capacity = capacity;
+        session.group.wake.notify_one();
+    }
+
+    /// Ends a session. `abrupt` (the worker went away, not a shutdown) gives its leases the reconnect grace.
+    pub async fn close(&self, session: &Arc<Session>, abrupt: bool) {
+        let outstanding: Vec<Uuid> = {
+            let mut state = session.state.lock().expect("session lock");
+            state.closed = true;
+            state.outstanding.drain().collect()
+        };
+        {
+            let mut leases = self.leases.lock().expect("leases lock");
+            for lease_id in &outstanding {
+                if leases.get(lease_id).is_some_and(|holder| Arc::ptr_eq(&holder.session, session)) {
+                    leases.remove(lease_id);
+                }
+            }
+        }
+        {
+            let mut groups = self.groups.lock().expect("groups lock");
+            let group = &session.group;
+            let mut sessions = group.sessions.lock().expect("group lock");
+            sessions.retain(|other| !Arc::ptr_eq(other, session));
+            if sessions.is_empty() {
+                group.stop.cancel();
+                groups.remove(&group.queues);
+            }
+        }
+        // At shutdown the broker closed the stream itself: leases keep their full deadline.
+        if !abrupt || outstanding.is_empty() || self.closing.load(Ordering::SeqCst) {
+            return;
+        }
+        let grace = self.settings.reconnect_grace;
+        match self.store.shorten_leases(session.id, &outstanding, grace).await {
+            Ok(shortened) => {
+                tracing::info!(session = %session.id, worker = %session.worker_id, shortened, "stream closed; leases expire after the reconnect grace");
+                let (reaper, shutdown) = (self.reaper.clone(), self.shutdown.clone());
+                self.tracker.spawn(async move {
+                    tokio::select! {
+                        () = tokio::time::sleep(grace) => reaper.notify_one(),
+                        () = shutdown.cancelled() => {}
+                    }
+                });
+            }
+            Err(error) => {
+                tracing::warn!(%error, "could not shorten the leases of a closed stream; they expire at their deadline")
+            }
+        }
+    }
+
+    /// A lease ended (completed, re-queued, lost): free its slot and wake its group.
+    pub fn lease_ended(&self, lease_id: Uuid) {
+        let holder = self.leases.lock().expect("leases lock").remove(&lease_id);
+        if let Some(holder) = holder {
+            holder.session.state.lock().expect("session lock").outstanding.remove(&lease_id);
+            holder.session.group.wake.notify_one();
+        }
+    }
+
+    /// Tells the stream holding `lease_id`, if it is on this replica, that its job was cancelled.
+    pub fn cancel_requested(&self, lease_id: Uuid) {
+        let leases = self.leases.lock().expect("leases lock");
+        if let Some(holder) = leases.get(&lease_id) {
+            let _ = holder.session.events.send(SessionEvent::Cancel { lease_id, job_id: holder.job_id });
+        }
+    }
+
+    /// Wakes every group that takes jobs from one of `queues` (`None`: every group).
+    pub fn wake(&self, queues: Option<&[&str]>) {
+        let groups = self.groups.lock().expect("groups lock");
+        for group in groups.values() {
+            if queues.is_none_or(|queues| group.queues.iter().any(|q| queues.contains(&q.as_str()))) {
+                group.wake.notify_one();
+            }
+        }
+    }
+
+    /// Every lease this replica delivered that is not known to be finished.
+    pub fn outstanding(&self) -> Vec<Uuid> {
+        self.leases.lock().expect("leases lock").keys().copied().collect()
+    }
+
+    /// Shutdown: stop claiming and tell every stream to reconnect elsewhere. Leases keep their deadlines.
+    pub fn close_all(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+        let groups: Vec<Arc<Group>> = self.groups.lock().expect("groups lock").values().cloned().collect();
+        for group in groups {
+            group.stop.cancel();
+            for session in group.sessions.lock().expect("group lock").iter() {
+                let reason = Error::Unavailable("the broker is shutting down; reconnect to another replica".into());
+                let _ = session.events.send(SessionEvent::Closed(reason));
+            }
+        }
+    }
+
+    async fn run_group(self: Arc<Self>, group: Arc<Group>) {
+        let mut wait = Duration::ZERO;
+        loop {
+            tokio::select! {
+                () = group.wake.notified() => {}
+                () = tokio::time::sleep(wait) => {}
+                () = group.stop.cancelled() => return,
+            }
+            wait = self.settings.poll_interval;
+            loop {
+                let slots = reserve(&group, self.settings.max_claim);
+                if slots.is_empty() {
+                    break;
+                }
+                let offered: Vec<Slot> =
+                    slots.iter().map(|s| Slot { session_id: s.id, worker_id: s.worker_id.clone() }).collect();
+                let claimed = self.store.claim(&group.queues, &offered).await;
+                for session in &slots {
+                    session.state.lock().expect("session lock").reserved -= 1;
+                }
+                let claimed = match claimed {
+                    Ok(claimed) => claimed,
+                    Err(error) => {
+                        tracing::warn!(%error, queues = ?group.queues, "claim failed; retrying after the poll interval");
+                        break;
+                    }
+                };
+                let full = claimed.len() == slots.len();
+                let none = claimed.is_empty();
+                self.deliver(&slots, claimed).await;
+                if none {
+                    if let Ok(Some(due)) = self.store.next_due(&group.queues).await {
+                        wait = wait.min(due + Duration::from_millis(1));
+                    }
+                }
+                if !full {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Pushes claimed jobs down their streams; a job whose stream closed or shrank meanwhile is released.
+    async fn deliver(&self, slots: &[Arc<Session>], claimed: Vec<(usize, Job)>) {
+        let mut undelivered = Vec::new();
+        for (slot, job) in claimed {
+            let (Some(lease_id), Some(lease_expires_at)) = (job.lease_id, job.lease_expires_at) else {
+                continue;
+            };
+            self.watchers.changed(job.id);
+            let session = &slots[slot];
+            self.leases
+                .lock()
+                .expect("leases lock")
+                .insert(lease_id, LeaseHolder { session: session.clone(), job_id: job.id });
+            let delivered = {
+                let mut state = session.state.lock().expect("session lock");
+                let fits = !state.closed && (state.outstanding.len() as u32) < state.capacity;
+                let event = SessionEvent::Assigned {
+                    lease_id,
+                    lease_expires_at,
+                    heartbeat_interval: job.spec.lease_ttl / 3,
+                    job: Box::new(job),
+                };
+                fits && session.events.send(event).is_ok() && state.outstanding.insert(lease_id)
+            };
+            if !delivered {
+                self.leases.lock().expect("leases lock").remove(&lease_id);
+                undelivered.push(SettleLease { lease_id, settle: Settle::Release, only_if_expired: false });
+            }
+        }
+        if !undelivered.is_empty() {
+            if let Err(error) = self.store.settle(&undelivered).await {
+                tracing::warn!(%error, count = undelivered.len(), "could not release undelivered leases; they expire at their deadline");
+            }
+        }
+    }
+}
+
+/// Reserves up to `max` free slots across the group's streams, one per stream in turn, so the best jobs spread.
+fn reserve(group: &Group, max: usize) -> Vec<Arc<Session>> {
+    let sessions = group.sessions.lock().expect("group lock");
+    let mut free: Vec<(Arc<Session>, u32)> = sessions
+        .iter()
+        .filter_map(|session| {
+            let state = session.state.lock().expect("session lock");
+            let used = state.outstanding.len() as u32 + state.reserved;
+            let free = state.capacity.saturating_sub(used);
+            (!state.closed && free > 0).then(|| (session.clone(), free))
+        })
+        .collect();
+    let mut slots = Vec::new();
+    while slots.len() < max && !free.is_empty() {
+        free.retain_mut(|(session, left)| {
+            if slots.len() >= max {
+                return true;
+            }
+            slots.push(session.clone());
+            *left -= 1;
+            *left > 0
+        });
+    }
+    for session in &slots {
+        session.state.lock().expect("session lock").reserved += 1;
+    }
+    slots
+}

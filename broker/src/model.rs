@@ -1,0 +1,206 @@
+//! The broker's vocabulary as plain Rust types: jobs, specs, outcomes, lease facts.
+//!
+//! Shared by the domain logic and the store. No tonic, no sqlx, no policy: converting from and to proto lives in
+//! `api::convert`, deciding what happens to a job lives in `domain`.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+/// Where a job stands; see SPEC's state table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum JobState {
+    Queued,
+    Leased,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    /// The spelling stored in the `state` column.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Leased => "leased",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<JobState> {
+        [JobState::Queued, JobState::Leased, JobState::Succeeded, JobState::Failed, JobState::Cancelled]
+            .into_iter()
+            .find(|state| state.as_str() == text)
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+    }
+}
+
+/// Backoff between retryable failures: `initial × multiplier^(attempt−1)`, capped at `max`, with jitter.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryPolicy {
+    pub initial: Duration,
+    pub max: Duration,
+    pub multiplier: f64,
+}
+
+/// A job spec with every default filled in: what is stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobSpec {
+    pub queue: String,
+    pub kind: String,
+    pub payload: Vec<u8>,
+    pub priority: i32,
+    pub max_attempts: u32,
+    pub lease_ttl: Duration,
+    pub execution_timeout: Option<Duration>,
+    pub idempotency_key: Option<String>,
+    pub retry: RetryPolicy,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// One job to store, as resolved by the domain from a producer's request.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub id: Uuid,
+    pub spec: JobSpec,
+    /// `None`: due now (database clock).
+    pub run_at: Option<DateTime<Utc>>,
+    /// Fingerprint of the spec as the producer sent it, compared when an idempotency key repeats.
+    pub spec_hash: Vec<u8>,
+}
+
+/// Progress a worker reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Progress {
+    pub percent: u32,
+    pub message: String,
+}
+
+/// A stored job, live or finished.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    pub id: Uuid,
+    pub spec: JobSpec,
+    pub state: JobState,
+    pub attempt: u32,
+    pub created_at: DateTime<Utc>,
+    pub run_at: DateTime<Utc>,
+    pub worker_id: Option<String>,
+    pub lease_id: Option<Uuid>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+    pub result: Option<Vec<u8>>,
+    pub progress: Option<Progress>,
+    pub cancel_requested: bool,
+}
+
+/// How a worker ended an attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Success { result: Vec<u8> },
+    Failure { message: String, non_retryable: bool, retry_after: Option<Duration> },
+    Release,
+}
+
+/// What the store is told to do with one lease, decided by the domain. Fenced by `lease_id` in the store.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Settle {
+    Succeed {
+        result: Vec<u8>,
+    },
+    /// Back to QUEUED after `delay`, attempt kept.
+    Retry {
+        delay: Duration,
+        error: String,
+    },
+    /// Dead letter.
+    Fail {
+        error: String,
+    },
+    /// Back to QUEUED now, attempt given back.
+    Release,
+}
+
+/// One lease to settle; `only_if_expired` is set by the reaper so a lease heartbeated meanwhile survives.
+#[derive(Debug, Clone)]
+pub struct SettleLease {
+    pub lease_id: Uuid,
+    pub settle: Settle,
+    pub only_if_expired: bool,
+}
+
+/// The facts the retry policy needs about a leased job.
+#[derive(Debug, Clone)]
+pub struct LeaseFacts {
+    pub lease_id: Uuid,
+    pub job_id: Uuid,
+    pub attempt: u32,
+    pub max_attempts: u32,
+    pub retry: RetryPolicy,
+    /// For expired leases: the attempt hit its execution timeout rather than missing heartbeats.
+    pub timed_out: bool,
+}
+
+/// Where a settled lease's job went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settled {
+    pub lease_id: Uuid,
+    pub job_id: Uuid,
+    pub state: JobState,
+}
+
+/// One heartbeat for one lease.
+#[derive(Debug, Clone)]
+pub struct Beat {
+    pub lease_id: Uuid,
+    pub progress: Option<Progress>,
+}
+
+/// A lease's standing after a heartbeat; absent from the answer means the lease is not current.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BeatAnswer {
+    pub lease_id: Uuid,
+    pub job_id: Uuid,
+    pub lease_expires_at: DateTime<Utc>,
+    pub active: bool,
+    pub cancel_requested: bool,
+}
+
+/// One free slot of a Lease stream, offered to a claim.
+#[derive(Debug, Clone)]
+pub struct Slot {
+    pub session_id: Uuid,
+    pub worker_id: String,
+}
+
+/// A job as a producer asked for it: unset fields are `None` until the domain applies defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpecRequest {
+    pub queue: String,
+    pub kind: String,
+    pub payload: Vec<u8>,
+    pub priority: i32,
+    pub run_at: Option<DateTime<Utc>>,
+    pub max_attempts: Option<u32>,
+    pub lease_ttl: Option<Duration>,
+    pub execution_timeout: Option<Duration>,
+    pub idempotency_key: Option<String>,
+    pub initial_backoff: Option<Duration>,
+    pub max_backoff: Option<Duration>,
+    pub multiplier: Option<f64>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// The answer for one enqueued job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Enqueued {
+    pub id: Uuid,
+    pub created: bool,
+}

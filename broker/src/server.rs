@@ -1,0 +1,151 @@
+//! Composition root: builds the store, the domain and the gRPC server, serves until shutdown, then drains.
+//!
+//! Shutdown order (SPEC): health NOT_SERVING, stop handing out leases and close worker streams (they reconnect
+//! elsewhere; their leases stay valid), let in-flight RPCs finish within a bounded grace, stop background work.
+
+use std::{future::Future, time::Duration};
+
+use anyhow::Context as _;
+use jobbroker::v1::broker_service_server::BrokerServiceServer;
+use tokio::{net::TcpListener, sync::watch};
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tonic::transport::Server;
+use tonic_health::{ServingStatus, server::HealthReporter};
+
+use crate::{api::BrokerApi, config::Settings, domain::Broker, store::Store};
+
+/// The service name health reports per service, besides the whole server ("").
+const BROKER_SERVICE: &str = "jobbroker.v1.BrokerService";
+/// Longest pause between migration attempts while the database is not reachable.
+const MIGRATE_RETRY: Duration = Duration::from_secs(2);
+
+/// Serves gRPC on `listener` until `shutdown` resolves, then drains and returns.
+pub async fn serve(
+    listener: TcpListener,
+    settings: Settings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let stop = CancellationToken::new();
+    let background = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    {
+        let stop = stop.clone();
+        tracker.spawn(async move {
+            tokio::select! {
+                () = shutdown => stop.cancel(),
+                () = stop.cancelled() => {}
+            }
+        });
+    }
+    let store = Store::connect_lazy(&settings).context("invalid database URL")?;
+    if settings.migrate && !migrate_until_done(&store, &stop).await {
+        stop.cancel();
+        tracker.close();
+        tracker.wait().await;
+        return Ok(());
+    }
+    let broker = Broker::start(store.clone(), settings.clone(), tracker.clone(), background.clone());
+    let (reporter, health) = tonic_health::server::health_reporter();
+    tracker.spawn(report_health(reporter, broker.store_health(), stop.clone()));
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(jobbroker::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(jobbroker::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let api = BrokerApi::new(broker.clone(), settings.limits.clone(), tracker.clone());
+    let service = BrokerServiceServer::new(api)
+        .max_decoding_message_size(settings.limits.max_message_bytes)
+        .max_encoding_message_size(settings.limits.max_message_bytes);
+    let closing = {
+        let (stop, broker) = (stop.clone(), broker.clone());
+        async move {
+            stop.cancelled().await;
+            tracing::info!("shutting down: closing worker streams and draining in-flight RPCs");
+            broker.close_streams();
+        }
+    };
+    tracing::info!(address = %listener.local_addr()?, "serving gRPC");
+    let server = Server::builder()
+        .http2_keepalive_interval(Some(settings.keepalive))
+        .http2_keepalive_timeout(Some(settings.keepalive))
+        .tcp_nodelay(true)
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), closing);
+    let grace = async {
+        stop.cancelled().await;
+        tokio::time::sleep(settings.shutdown_grace).await;
+    };
+    let served = tokio::select! {
+        served = server => served.context("gRPC server failed"),
+        () = grace => {
+            tracing::warn!(grace = ?settings.shutdown_grace, "in-flight RPCs outlived the shutdown grace; closing anyway");
+            Ok(())
+        }
+    };
+    stop.cancel();
+    background.cancel();
+    tracker.close();
+    tracker.wait().await;
+    store.close().await;
+    tracing::info!("stopped");
+    served
+}
+
+/// Applies migrations, retrying while the database is unreachable. False if shutdown came first.
+async fn migrate_until_done(store: &Store, stop: &CancellationToken) -> bool {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match store.migrate().await {
+            Ok(()) => return true,
+            Err(error) => tracing::warn!(%error, "cannot migrate the database yet; retrying"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(delay) => delay = (delay * 2).min(MIGRATE_RETRY),
+            () = stop.cancelled() => return false,
+        }
+    }
+}
+
+/// Health follows the store's reachability; NOT_SERVING for good once shutdown begins.
+async fn report_health(reporter: HealthReporter, mut healthy: watch::Receiver<bool>, stop: CancellationToken) {
+    loop {
+        let status = if *healthy.borrow_and_update() { ServingStatus::Serving } else { ServingStatus::NotServing };
+        for service in ["", BROKER_SERVICE] {
+            reporter.set_service_status(service, status).await;
+        }
+        tokio::select! {
+            changed = healthy.changed() => if changed.is_err() { break },
+            () = stop.cancelled() => break,
+        }
+    }
+    for service in ["", BROKER_SERVICE] {
+        reporter.set_service_status(service, ServingStatus::NotServing).await;
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn termination() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+    tracing::info!("termination signal received");
+}

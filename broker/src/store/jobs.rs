@@ -1,0 +1,418 @@
+//! The statements on jobs: insert, claim, heartbeat, settle, cancel, reap, retention, reads.
+//!
+//! Every fenced write names `lease_id` and `state = 'leased'` in the same statement that writes; the rows it
+//! returns are the leases that held. Statements marked "hot" run once per batch, never once per job.
+
+use std::{collections::HashSet, time::Duration};
+
+use chrono::{DateTime, Utc};
+use sqlx::{Row, types::Json};
+use uuid::Uuid;
+
+use super::{
+    Store, millis,
+    rows::{self, carried_columns, finished_job, lease_facts, live_job},
+};
+use crate::{
+    error::Result,
+    model::{Beat, BeatAnswer, Job, LeaseFacts, NewJob, Settle, SettleLease, Settled, Slot},
+};
+
+/// An idempotency key already held by a retained job.
+#[derive(Debug, Clone)]
+pub struct KeyHolder {
+    pub queue: String,
+    pub key: String,
+    pub job_id: Uuid,
+    pub spec_hash: Vec<u8>,
+}
+
+/// A key a new job takes.
+#[derive(Debug, Clone)]
+pub struct NewKey {
+    pub queue: String,
+    pub key: String,
+    pub job_id: Uuid,
+    pub spec_hash: Vec<u8>,
+}
+
+/// How an insert batch ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Inserted {
+    Committed,
+    /// Another transaction took one of the keys first; nothing was written. Look the keys up again.
+    KeyTaken,
+}
+
+impl Store {
+    /// Which of these `(queue, key)` pairs are already taken, and by whom.
+    pub async fn lookup_keys(&self, pairs: &[(String, String)]) -> Result<Vec<KeyHolder>> {
+        if pairs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (queues, keys): (Vec<String>, Vec<String>) = pairs.iter().cloned().unzip();
+        let rows = sqlx::query(
+            "SELECT k.queue, k.key, k.job_id, k.spec_hash FROM idempotency_keys k \
+             JOIN unnest($1::text[], $2::text[]) AS p(queue, key) ON k.queue = p.queue AND k.key = p.key",
+        )
+        .bind(queues)
+        .bind(keys)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(KeyHolder {
+                    queue: row.try_get("queue")?,
+                    key: row.try_get("key")?,
+                    job_id: row.try_get("job_id")?,
+                    spec_hash: row.try_get("spec_hash")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(Into::into)
+    }
+
+    /// Hot (group commit): stores every job of a batch, its keys and one NOTIFY naming the touched queues, in one
+    /// transaction.
+    pub async fn insert_jobs(&self, jobs: &[NewJob], keys: &[NewKey], notify: &str) -> Result<Inserted> {
+        let mut tx = self.pool.begin().await?;
+        if !keys.is_empty() {
+            let taken = sqlx::query(
+                "INSERT INTO idempotency_keys (queue, key, job_id, spec_hash) \
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::uuid[], $4::bytea[]) ON CONFLICT DO NOTHING",
+            )
+            .bind(keys.iter().map(|k| k.queue.clone()).collect::<Vec<_>>())
+            .bind(keys.iter().map(|k| k.key.clone()).collect::<Vec<_>>())
+            .bind(keys.iter().map(|k| k.job_id).collect::<Vec<_>>())
+            .bind(keys.iter().map(|k| k.spec_hash.clone()).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
+            if taken.rows_affected() != keys.len() as u64 {
+                tx.rollback().await?;
+                return Ok(Inserted::KeyTaken);
+            }
+        }
+        let metadata: Vec<Json<_>> = jobs.iter().map(|j| Json(&j.spec.metadata)).collect();
+        sqlx::query(
+            "INSERT INTO jobs (id, queue, kind, payload, priority, run_at, max_attempts, lease_ttl_ms, \
+               execution_timeout_ms, idempotency_key, initial_backoff_ms, max_backoff_ms, backoff_multiplier, \
+               metadata, created_at) \
+             SELECT id, queue, kind, payload, priority, COALESCE(run_at, now()), max_attempts, lease_ttl_ms, \
+               execution_timeout_ms, idempotency_key, initial_backoff_ms, max_backoff_ms, backoff_multiplier, \
+               metadata, now() \
+             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[], $5::int[], $6::timestamptz[], $7::int[], \
+               $8::bigint[], $9::bigint[], $10::text[], $11::bigint[], $12::bigint[], $13::float8[], $14::jsonb[]) \
+             AS t(id, queue, kind, payload, priority, run_at, max_attempts, lease_ttl_ms, execution_timeout_ms, \
+               idempotency_key, initial_backoff_ms, max_backoff_ms, backoff_multiplier, metadata)",
+        )
+        .bind(jobs.iter().map(|j| j.id).collect::<Vec<_>>())
+        .bind(jobs.iter().map(|j| j.spec.queue.as_str()).collect::<Vec<_>>())
+        .bind(jobs.iter().map(|j| j.spec.kind.as_str()).collect::<Vec<_>>())
+        .bind(jobs.iter().map(|j| j.spec.payload.as_slice()).collect::<Vec<_>>())
+        .bind(jobs.iter().map(|j| j.spec.priority).collect::<Vec<_>>())
+        .bind(jobs.iter().map(|j| j.run_at).collect::<Vec<Option<DateTime<Utc>>>>())
+        .bind(jobs.iter().map(|j| j.spec.max_attempts as i32).collect::<Vec<_>>())
+        .bind(jobs.iter().map(|j| millis(j.spec.lease_ttl)).collect::<Vec<_>>())
+        .bind(jobs.iter().map(|j| j.spec.execution_timeout.map(millis)).collect::<Vec<_>>())
+        .bind(jobs.iter().map(|j| j.spec.idempotency_key.as_deref()).collect::<Vec<_>>())
+        .bind(jobs.iter().map(|j| millis(j.spec.retry.initial)).collect::<Vec<_>>())
+        .bind(jobs.iter().map(|j| millis(j.spec.retry.max)).collect::<Vec<_>>())
+        .bind(jobs.iter().map(|j| j.spec.retry.multiplier).collect::<Vec<_>>())
+        .bind(metadata)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("SELECT pg_notify($1, $2)").bind(super::ENQUEUED_CHANNEL).bind(notify).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(Inserted::Committed)
+    }
+
+    /// Hot: leases due jobs of `queues` to the given free slots in one statement, best job to the first slot.
+    /// Returns each claimed job with the index of the slot it went to.
+    pub async fn claim(&self, queues: &[String], slots: &[Slot]) -> Result<Vec<(usize, Job)>> {
+        let rows = sqlx::query(concat!(
+            "WITH slots AS ( \
+               SELECT slot_session, slot_worker, slot \
+               FROM unnest($2::uuid[], $3::text[]) WITH ORDINALITY AS s(slot_session, slot_worker, slot)), \
+             candidates AS ( \
+               SELECT c.* FROM unnest($1::text[]) AS q(name) CROSS JOIN LATERAL ( \
+                 SELECT id AS pick, priority AS pick_priority, run_at AS pick_run_at FROM jobs \
+                 WHERE queue = q.name AND state = 'queued' AND run_at <= clock_timestamp() \
+                 ORDER BY priority DESC, run_at, id LIMIT $4 FOR UPDATE SKIP LOCKED) c), \
+             picked AS ( \
+               SELECT pick, row_number() OVER (ORDER BY pick_priority DESC, pick_run_at, pick) AS slot \
+               FROM candidates) \
+             UPDATE jobs SET state = 'leased', attempt = attempt + 1, lease_id = gen_random_uuid(), \
+               session_id = slot_session, worker_id = slot_worker, progress_percent = NULL, \
+               progress_message = NULL, \
+               attempt_deadline = clock_timestamp() + execution_timeout_ms * interval '1 millisecond', \
+               lease_expires_at = LEAST(clock_timestamp() + lease_ttl_ms * interval '1 millisecond', \
+                 clock_timestamp() + execution_timeout_ms * interval '1 millisecond') \
+             FROM picked JOIN slots USING (slot) WHERE id = pick \
+             RETURNING slot, ",
+            live_job!()
+        ))
+        .bind(queues)
+        .bind(slots.iter().map(|s| s.session_id).collect::<Vec<_>>())
+        .bind(slots.iter().map(|s| s.worker_id.as_str()).collect::<Vec<_>>())
+        .bind(slots.len() as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| Ok((usize::try_from(row.try_get::<i64, _>("slot")? - 1).unwrap_or(0), rows::job(row)?)))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(Into::into)
+    }
+
+    /// How long until the next scheduled job of `queues` is due, by the database clock.
+    pub async fn next_due(&self, queues: &[String]) -> Result<Option<Duration>> {
+        let ms: Option<f64> = sqlx::query_scalar(
+            "SELECT extract(epoch FROM min(run_at) - clock_timestamp()) * 1000 FROM jobs \
+             WHERE queue = ANY($1) AND state = 'queued'",
+        )
+        .bind(queues)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(ms.map(|ms| Duration::from_millis(ms.max(0.0) as u64)))
+    }
+
+    /// Hot: extends every lease of a heartbeat batch and records progress. Leases not current are absent.
+    pub async fn heartbeat(&self, beats: &[Beat]) -> Result<Vec<BeatAnswer>> {
+        let rows = sqlx::query(
+            "UPDATE jobs SET \
+               lease_expires_at = LEAST(clock_timestamp() + lease_ttl_ms * interval '1 millisecond', attempt_deadline), \
+               progress_percent = COALESCE(b.percent, progress_percent), \
+               progress_message = COALESCE(b.message, progress_message) \
+             FROM unnest($1::uuid[], $2::int[], $3::text[]) AS b(beat_lease, percent, message) \
+             WHERE lease_id = b.beat_lease AND state = 'leased' \
+             RETURNING lease_id, id, lease_expires_at, cancel_requested, \
+               lease_expires_at > clock_timestamp() AS active",
+        )
+        .bind(beats.iter().map(|b| b.lease_id).collect::<Vec<_>>())
+        .bind(beats.iter().map(|b| b.progress.as_ref().map(|p| p.percent as i32)).collect::<Vec<_>>())
+        .bind(beats.iter().map(|b| b.progress.as_ref().map(|p| p.message.as_str())).collect::<Vec<_>>())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(BeatAnswer {
+                    lease_id: row.try_get("lease_id")?,
+                    job_id: row.try_get("id")?,
+                    lease_expires_at: row.try_get("lease_expires_at")?,
+                    active: row.try_get("active")?,
+                    cancel_requested: row.try_get("cancel_requested")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(Into::into)
+    }
+
+    /// What the retry policy needs about these leases, for those that are still current.
+    pub async fn lease_facts(&self, lease_ids: &[Uuid]) -> Result<Vec<LeaseFacts>> {
+        let rows =
+            sqlx::query(concat!("SELECT ", lease_facts!(), " FROM jobs WHERE lease_id = ANY($1) AND state = 'leased'"))
+                .bind(lease_ids)
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter().map(rows::facts).collect::<Result<_, sqlx::Error>>().map_err(Into::into)
+    }
+
+    /// Leases whose deadline has passed (the reaper's work list), oldest first.
+    pub async fn expired_leases(&self, limit: u32) -> Result<Vec<LeaseFacts>> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            lease_facts!(),
+            " FROM jobs WHERE state = 'leased' AND lease_expires_at <= clock_timestamp() \
+              ORDER BY lease_expires_at LIMIT $1"
+        ))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(rows::facts).collect::<Result<_, sqlx::Error>>().map_err(Into::into)
+    }
+
+    /// Hot: ends or re-queues every lease of a batch in one fenced statement. A job whose cancel was requested
+    /// ends CANCELLED whatever the outcome. Terminal jobs move to `finished_jobs`. Leases that did not hold are
+    /// absent from the answer.
+    pub async fn settle(&self, items: &[SettleLease]) -> Result<Vec<Settled>> {
+        let mut actions = Vec::with_capacity(items.len());
+        let mut delays = Vec::with_capacity(items.len());
+        let mut results: Vec<Option<&[u8]>> = Vec::with_capacity(items.len());
+        let mut errors: Vec<Option<&str>> = Vec::with_capacity(items.len());
+        for item in items {
+            let (action, delay, result, error) = match &item.settle {
+                Settle::Succeed { result } => ("succeed", 0, Some(result.as_slice()), None),
+                Settle::Retry { delay, error } => ("retry", millis(*delay), None, Some(error.as_str())),
+                Settle::Fail { error } => ("fail", 0, None, Some(error.as_str())),
+                Settle::Release => ("release", 0, None, None),
+            };
+            actions.push(action);
+            delays.push(delay);
+            results.push(result);
+            errors.push(error);
+        }
+        let rows = sqlx::query(concat!(
+            "WITH input AS ( \
+               SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::bytea[], $5::text[], $6::bool[]) \
+               AS i(in_lease, action, delay_ms, new_result, error, only_if_expired)), \
+             ended AS ( \
+               DELETE FROM jobs j USING input i \
+               WHERE j.lease_id = i.in_lease AND j.state = 'leased' \
+                 AND (NOT i.only_if_expired OR j.lease_expires_at <= clock_timestamp()) \
+                 AND (i.action IN ('succeed', 'fail') OR j.cancel_requested) \
+               RETURNING j.*, i.action, i.new_result, i.error), \
+             finished AS ( \
+               INSERT INTO finished_jobs (",
+            carried_columns!(),
+            ", last_error, state, finished_at, result) SELECT ",
+            carried_columns!(),
+            ", COALESCE(error, last_error), \
+                 CASE WHEN cancel_requested THEN 'cancelled' WHEN action = 'succeed' THEN 'succeeded' \
+                      ELSE 'failed' END, \
+                 clock_timestamp(), CASE WHEN action = 'succeed' AND NOT cancel_requested THEN new_result END \
+               FROM ended RETURNING lease_id, id, state), \
+             requeued AS ( \
+               UPDATE jobs j SET state = 'queued', \
+                 run_at = clock_timestamp() + i.delay_ms * interval '1 millisecond', \
+                 attempt = CASE WHEN i.action = 'release' THEN j.attempt - 1 ELSE j.attempt END, \
+                 last_error = COALESCE(i.error, j.last_error), lease_id = NULL, session_id = NULL, \
+                 lease_expires_at = NULL, attempt_deadline = NULL \
+               FROM input i \
+               WHERE j.lease_id = i.in_lease AND j.state = 'leased' \
+                 AND (NOT i.only_if_expired OR j.lease_expires_at <= clock_timestamp()) \
+                 AND i.action IN ('retry', 'release') AND NOT j.cancel_requested \
+               RETURNING i.in_lease AS lease_id, j.id, j.state) \
+             SELECT lease_id, id, state FROM finished UNION ALL SELECT lease_id, id, state FROM requeued"
+        ))
+        .bind(items.iter().map(|i| i.lease_id).collect::<Vec<_>>())
+        .bind(actions)
+        .bind(delays)
+        .bind(results)
+        .bind(errors)
+        .bind(items.iter().map(|i| i.only_if_expired).collect::<Vec<_>>())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(Settled {
+                    lease_id: row.try_get("lease_id")?,
+                    job_id: row.try_get("id")?,
+                    state: rows::job_state(row, "state")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(Into::into)
+    }
+
+    /// A Lease stream closed: its leases now expire within `grace` unless the worker heartbeats them again.
+    /// Only leases still delivered on that stream are touched (a reconnected worker may have adopted them).
+    pub async fn shorten_leases(&self, session_id: Uuid, lease_ids: &[Uuid], grace: Duration) -> Result<u64> {
+        let done = sqlx::query(
+            "UPDATE jobs SET lease_expires_at = \
+               LEAST(lease_expires_at, clock_timestamp() + $3 * interval '1 millisecond') \
+             WHERE lease_id = ANY($2) AND session_id = $1 AND state = 'leased'",
+        )
+        .bind(session_id)
+        .bind(lease_ids)
+        .bind(millis(grace))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// A reconnected worker names the leases it still runs: move those still current to its new stream.
+    /// Returns `(lease_id, job_id)` of each adopted lease.
+    pub async fn adopt_leases(
+        &self,
+        session_id: Uuid,
+        worker_id: &str,
+        lease_ids: &[Uuid],
+    ) -> Result<Vec<(Uuid, Uuid)>> {
+        let adopted = sqlx::query_as(
+            "UPDATE jobs SET session_id = $1, worker_id = $2 \
+             WHERE lease_id = ANY($3) AND state = 'leased' RETURNING lease_id, id",
+        )
+        .bind(session_id)
+        .bind(worker_id)
+        .bind(lease_ids)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(adopted)
+    }
+
+    /// Which of these leases are still current (for leases settled through another replica).
+    pub async fn current_leases(&self, lease_ids: &[Uuid]) -> Result<HashSet<Uuid>> {
+        let current: Vec<Uuid> =
+            sqlx::query_scalar("SELECT lease_id FROM jobs WHERE lease_id = ANY($1) AND state = 'leased'")
+                .bind(lease_ids)
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(current.into_iter().collect())
+    }
+
+    /// One job, live or finished.
+    pub async fn job(&self, id: Uuid) -> Result<Option<Job>> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            live_job!(),
+            " FROM jobs WHERE id = $1 UNION ALL SELECT ",
+            finished_job!(),
+            " FROM finished_jobs WHERE id = $1 LIMIT 1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(rows::job).transpose().map_err(Into::into)
+    }
+
+    /// Cancels a QUEUED job at once (it moves to `finished_jobs`). False if it was not QUEUED.
+    pub async fn cancel_queued(&self, id: Uuid) -> Result<bool> {
+        let done = sqlx::query(concat!(
+            "WITH moved AS (DELETE FROM jobs WHERE id = $1 AND state = 'queued' RETURNING *) \
+             INSERT INTO finished_jobs (",
+            carried_columns!(),
+            ", last_error, state, finished_at) SELECT ",
+            carried_columns!(),
+            ", last_error, 'cancelled', clock_timestamp() FROM moved"
+        ))
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Marks a LEASED job as cancel-requested and tells every replica (NOTIFY) so the holder's stream hears of
+    /// it. Returns the lease, or `None` if the job was not LEASED.
+    pub async fn request_cancel(&self, id: Uuid) -> Result<Option<Uuid>> {
+        let lease = sqlx::query_scalar(
+            "WITH c AS (UPDATE jobs SET cancel_requested = true WHERE id = $1 AND state = 'leased' \
+               RETURNING lease_id) \
+             SELECT lease_id FROM c, LATERAL (SELECT pg_notify($2, lease_id::text)) n",
+        )
+        .bind(id)
+        .bind(super::CANCEL_CHANNEL)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(lease)
+    }
+
+    /// Retention: deletes up to `limit` jobs finished more than `retention` ago, with their idempotency keys.
+    pub async fn delete_finished_before(&self, retention: Duration, limit: u32) -> Result<u64> {
+        let deleted: i64 = sqlx::query_scalar(
+            "WITH gone AS ( \
+               DELETE FROM finished_jobs WHERE id IN ( \
+                 SELECT id FROM finished_jobs \
+                 WHERE finished_at < clock_timestamp() - $1 * interval '1 millisecond' \
+                 ORDER BY finished_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
+               RETURNING id, queue, idempotency_key), \
+             keys AS ( \
+               DELETE FROM idempotency_keys k USING gone \
+               WHERE k.queue = gone.queue AND k.key = gone.idempotency_key AND k.job_id = gone.id) \
+             SELECT count(*) FROM gone",
+        )
+        .bind(millis(retention))
+        .bind(i64::from(limit))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(u64::try_from(deleted).unwrap_or(0))
+    }
+}

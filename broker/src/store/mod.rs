@@ -1,0 +1,93 @@
+//! The job store: every SQL statement the broker runs, and nothing else.
+//!
+//! Each statement is a named method on [`Store`]; fencing is always a conditional write whose returned rows say
+//! whether the lease held. Hot statements (claim, heartbeat, settle, insert) take whole batches as arrays.
+//! The store decides nothing: retry policy, dispatch and idempotency resolution live in `domain`.
+
+mod jobs;
+
+pub use jobs::{Inserted, KeyHolder, NewKey};
+mod rows;
+
+use std::time::Duration;
+
+use sqlx::{
+    PgPool,
+    postgres::{PgListener, PgPoolOptions},
+};
+
+use crate::{config::Settings, error::Result};
+
+/// NOTIFY channel carrying the queues a committed enqueue batch touched (comma-separated, or `*`).
+pub const ENQUEUED_CHANNEL: &str = "jobbroker_enqueued";
+/// NOTIFY channel carrying the lease id of a job whose cancel was requested while leased.
+pub const CANCEL_CHANNEL: &str = "jobbroker_cancel";
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Handle to the Postgres job store; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: PgPool,
+}
+
+/// The broker's subscription to cross-replica notifications.
+pub struct Notifications {
+    listener: PgListener,
+}
+
+/// One notification from another replica (or this one).
+pub struct Notification {
+    pub channel: String,
+    pub payload: String,
+}
+
+impl Store {
+    /// A pool that connects on demand, so the broker starts (NOT_SERVING) while Postgres is down.
+    pub fn connect_lazy(settings: &Settings) -> Result<Store> {
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.db_pool_size)
+            .acquire_timeout(settings.db_acquire_timeout)
+            .connect_lazy(&settings.database_url)?;
+        Ok(Store { pool })
+    }
+
+    /// Applies pending migrations under sqlx's advisory lock, so replicas starting together are safe.
+    pub async fn migrate(&self) -> Result<()> {
+        MIGRATOR.run(&self.pool).await.map_err(|e| match e {
+            sqlx::migrate::MigrateError::Execute(e) => e.into(),
+            other => crate::error::Error::Internal(other.to_string()),
+        })
+    }
+
+    /// Cheapest round trip: is the database answering?
+    pub async fn ping(&self, timeout: Duration) -> Result<()> {
+        match tokio::time::timeout(timeout, sqlx::query("SELECT 1").execute(&self.pool)).await {
+            Ok(done) => done.map(|_| ()).map_err(Into::into),
+            Err(_) => Err(crate::error::Error::Unavailable("the job store did not answer in time".into())),
+        }
+    }
+
+    /// Subscribes to the enqueue and cancel channels on a dedicated connection.
+    pub async fn listen(&self) -> Result<Notifications> {
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen_all([ENQUEUED_CHANNEL, CANCEL_CHANNEL]).await?;
+        Ok(Notifications { listener })
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+impl Notifications {
+    /// The next notification; an error means the connection was lost (the caller re-subscribes).
+    pub async fn recv(&mut self) -> Result<Notification> {
+        let note = self.listener.recv().await?;
+        Ok(Notification { channel: note.channel().to_owned(), payload: note.payload().to_owned() })
+    }
+}
+
+fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}

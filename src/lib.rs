@@ -1,0 +1,15 @@
+//! The jobbroker API as Rust types (generated from `proto/` at build time) and a small client.
+//!
+//! Producers and workers in Rust depend on this crate alone: [`v1`] holds every message and the generated
+//! `BrokerService` client and server, [`client`] opens a channel with sensible defaults. It holds no policy:
+//! what a job does and how the broker decides is in the `broker` crate.
+
+pub mod client;
+
+/// Generated code for package `jobbroker.v1`.
+pub mod v1 {
+    tonic::include_proto!("jobbroker.v1");
+}
+
+/// Encoded `FileDescriptorSet` of every jobbroker proto, served by the broker's reflection service.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/jobbroker_descriptor.bin"));

@@ -31,9 +31,10 @@ pub enum Command {
 
 #[derive(Debug, Clone, Args)]
 pub struct DevArgs {
-    /// Data directory of the private Postgres (created on first use).
-    #[arg(long, env = "JOBBROKER_DEV_DATA_DIR", default_value = ".jobbroker/dev-postgres")]
-    pub data_dir: PathBuf,
+    /// Data directory of the private Postgres (created on first use). Default: a scratch directory the
+    /// `postgres` user can reach when run as root (`/var/tmp/jobbroker/dev-postgres`).
+    #[arg(long, env = "JOBBROKER_DEV_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
     /// TCP port of the private Postgres on 127.0.0.1.
     #[arg(long, env = "JOBBROKER_DEV_PG_PORT", default_value_t = 54329)]
     pub pg_port: u16,

@@ -164,8 +164,6 @@ impl LocalPostgres {
         let path = self.dir.join("lock");
         let file = OpenOptions::new().create(true).truncate(false).write(true).open(&path);
         let file = file.with_context(|| format!("opening {}", path.display()))?;
-        // `File::lock` is Rust 1.89; the workspace's `rust-version` (1.85) predates it and should be raised.
-        #[allow(clippy::incompatible_msrv)]
         file.lock().with_context(|| format!("locking {}", path.display()))?;
         Ok(file)
     }

@@ -43,9 +43,11 @@ async fn serve_forever(settings: Settings) -> anyhow::Result<()> {
 
 /// Starts a private Postgres in a local data directory, then serves against it.
 async fn run_dev(mut serve_args: config::ServeArgs, dev: DevArgs) -> anyhow::Result<()> {
-    let options = devdb::PgOptions { durable: true, ..devdb::PgOptions::default() };
-    let (data_dir, port) = (dev.data_dir.clone(), dev.pg_port);
-    let postgres = tokio::task::spawn_blocking(move || devdb::LocalPostgres::start(&data_dir, port, &options))
+    let options = devdb::PgOptions::default();
+    let data_dir = dev.data_dir.unwrap_or_else(|| devdb::scratch_dir("dev-postgres"));
+    let port = dev.pg_port;
+    let dir = data_dir.clone();
+    let postgres = tokio::task::spawn_blocking(move || devdb::LocalPostgres::start(&dir, port, &options))
         .await
         .context("the Postgres launcher panicked")??;
     serve_args.database_url = Some(postgres.url());
@@ -57,7 +59,7 @@ async fn run_dev(mut serve_args: config::ServeArgs, dev: DevArgs) -> anyhow::Res
          grpcurl -plaintext -d '{{\"jobs\":[{{\"queue\":\"default\",\"kind\":\"hello\",\"payload\":\"aGk=\"}}]}}' \
          127.0.0.1:{port} jobbroker.v1.BrokerService/Enqueue",
         postgres.url(),
-        dev.data_dir.display(),
+        data_dir.display(),
         port = address.port(),
     );
     let served = serve_forever(settings).await;

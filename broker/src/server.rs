@@ -8,9 +8,8 @@ use std::{future::Future, time::Duration};
 use anyhow::Context as _;
 use jobbroker::v1::broker_service_server::BrokerServiceServer;
 use tokio::{net::TcpListener, sync::watch};
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tonic::transport::Server;
+use tonic::transport::{Server, server::TcpIncoming};
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{api::BrokerApi, config::Settings, domain::Broker, store::Store};
@@ -48,14 +47,16 @@ pub async fn serve(
     let broker = Broker::start(store.clone(), settings.clone(), tracker.clone(), background.clone());
     let (reporter, health) = tonic_health::server::health_reporter();
     tracker.spawn(report_health(reporter, broker.store_health(), stop.clone()));
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(jobbroker::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(jobbroker::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(jobbroker::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            // Both versions are served, so each lists and describes both (a builder only adds its own).
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
     let api = BrokerApi::new(broker.clone(), settings.limits.clone(), tracker.clone());
     let service = BrokerServiceServer::new(api)
         .max_decoding_message_size(settings.limits.max_message_bytes)
@@ -69,15 +70,17 @@ pub async fn serve(
         }
     };
     tracing::info!(address = %listener.local_addr()?, "serving gRPC");
+    // `Server::tcp_nodelay` does not reach sockets from our own listener: without this, Nagle holds a pushed
+    // assignment back until the client's delayed ACK (~40 ms).
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let server = Server::builder()
         .http2_keepalive_interval(Some(settings.keepalive))
         .http2_keepalive_timeout(Some(settings.keepalive))
-        .tcp_nodelay(true)
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), closing);
+        .serve_with_incoming_shutdown(incoming, closing);
     let grace = async {
         stop.cancelled().await;
         tokio::time::sleep(settings.shutdown_grace).await;

@@ -325,8 +325,10 @@ impl Dispatcher {
                 let none = claimed.is_empty();
                 self.deliver(&slots, claimed).await;
                 if none {
-                    if let Ok(Some(due)) = self.store.next_due(&group.queues).await {
-                        wait = wait.min(due + Duration::from_millis(1));
+                    match self.store.next_due(&group.queues).await {
+                        Ok(Some(due)) => wait = wait.min(due + Duration::from_millis(1)),
+                        Ok(None) => {}
+                        Err(error) => tracing::warn!(%error, "cannot read when the next scheduled job is due"),
                     }
                 }
                 if !full {
@@ -365,10 +367,10 @@ impl Dispatcher {
                 undelivered.push(SettleLease { lease_id, settle: Settle::Release, only_if_expired: false });
             }
         }
-        if !undelivered.is_empty() {
-            if let Err(error) = self.store.settle(&undelivered).await {
-                tracing::warn!(%error, count = undelivered.len(), "could not release undelivered leases; they expire at their deadline");
-            }
+        if !undelivered.is_empty()
+            && let Err(error) = self.store.settle(&undelivered).await
+        {
+            tracing::warn!(%error, count = undelivered.len(), "could not release undelivered leases; they expire at their deadline");
         }
     }
 }

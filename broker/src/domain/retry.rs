@@ -45,10 +45,11 @@ pub fn settle_unfailed(outcome: Outcome) -> Settle {
     }
 }
 
-/// What losing a lease does: a retryable failure named after the cause.
+/// What losing a lease does: a retryable failure named after the cause, due again at once (the lease's deadline
+/// or the reconnect grace already delayed it, and the job is not to blame for its worker's crash).
 pub fn lost(facts: &LeaseFacts) -> Settle {
     let message = if facts.timed_out { "execution timeout exceeded" } else { "lease expired" };
-    settle(facts, Outcome::Failure { message: message.into(), non_retryable: false, retry_after: None })
+    settle(facts, Outcome::Failure { message: message.into(), non_retryable: false, retry_after: Some(Duration::ZERO) })
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 use std::{collections::HashSet, time::Duration};
 
 use chrono::{DateTime, Utc};
-use sqlx::{Row, types::Json};
+use sqlx::{PgExecutor, Row, types::Json};
 use uuid::Uuid;
 
 use super::{
@@ -72,56 +72,29 @@ impl Store {
             .map_err(Into::into)
     }
 
-    /// Hot (group commit): stores every job of a batch, its keys and one NOTIFY naming the touched queues, in one
-    /// transaction.
+    /// Hot (group commit): stores every job of a batch, its keys and one NOTIFY naming the touched queues,
+    /// atomically. Without keys that is a single statement (one round trip); with keys, a short transaction.
     pub async fn insert_jobs(&self, jobs: &[NewJob], keys: &[NewKey], notify: &str) -> Result<Inserted> {
-        let mut tx = self.pool.begin().await?;
-        if !keys.is_empty() {
-            let taken = sqlx::query(
-                "INSERT INTO idempotency_keys (queue, key, job_id, spec_hash) \
-                 SELECT * FROM unnest($1::text[], $2::text[], $3::uuid[], $4::bytea[]) ON CONFLICT DO NOTHING",
-            )
-            .bind(keys.iter().map(|k| k.queue.clone()).collect::<Vec<_>>())
-            .bind(keys.iter().map(|k| k.key.clone()).collect::<Vec<_>>())
-            .bind(keys.iter().map(|k| k.job_id).collect::<Vec<_>>())
-            .bind(keys.iter().map(|k| k.spec_hash.clone()).collect::<Vec<_>>())
-            .execute(&mut *tx)
-            .await?;
-            if taken.rows_affected() != keys.len() as u64 {
-                tx.rollback().await?;
-                return Ok(Inserted::KeyTaken);
-            }
+        if keys.is_empty() {
+            insert_and_notify(&self.pool, jobs, notify).await?;
+            return Ok(Inserted::Committed);
         }
-        let metadata: Vec<Json<_>> = jobs.iter().map(|j| Json(&j.spec.metadata)).collect();
-        sqlx::query(
-            "INSERT INTO jobs (id, queue, kind, payload, priority, run_at, max_attempts, lease_ttl_ms, \
-               execution_timeout_ms, idempotency_key, initial_backoff_ms, max_backoff_ms, backoff_multiplier, \
-               metadata, created_at) \
-             SELECT id, queue, kind, payload, priority, COALESCE(run_at, now()), max_attempts, lease_ttl_ms, \
-               execution_timeout_ms, idempotency_key, initial_backoff_ms, max_backoff_ms, backoff_multiplier, \
-               metadata, now() \
-             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[], $5::int[], $6::timestamptz[], $7::int[], \
-               $8::bigint[], $9::bigint[], $10::text[], $11::bigint[], $12::bigint[], $13::float8[], $14::jsonb[]) \
-             AS t(id, queue, kind, payload, priority, run_at, max_attempts, lease_ttl_ms, execution_timeout_ms, \
-               idempotency_key, initial_backoff_ms, max_backoff_ms, backoff_multiplier, metadata)",
+        let mut tx = self.pool.begin().await?;
+        let taken = sqlx::query(
+            "INSERT INTO idempotency_keys (queue, key, job_id, spec_hash) \
+             SELECT * FROM unnest($1::text[], $2::text[], $3::uuid[], $4::bytea[]) ON CONFLICT DO NOTHING",
         )
-        .bind(jobs.iter().map(|j| j.id).collect::<Vec<_>>())
-        .bind(jobs.iter().map(|j| j.spec.queue.as_str()).collect::<Vec<_>>())
-        .bind(jobs.iter().map(|j| j.spec.kind.as_str()).collect::<Vec<_>>())
-        .bind(jobs.iter().map(|j| j.spec.payload.as_slice()).collect::<Vec<_>>())
-        .bind(jobs.iter().map(|j| j.spec.priority).collect::<Vec<_>>())
-        .bind(jobs.iter().map(|j| j.run_at).collect::<Vec<Option<DateTime<Utc>>>>())
-        .bind(jobs.iter().map(|j| j.spec.max_attempts as i32).collect::<Vec<_>>())
-        .bind(jobs.iter().map(|j| millis(j.spec.lease_ttl)).collect::<Vec<_>>())
-        .bind(jobs.iter().map(|j| j.spec.execution_timeout.map(millis)).collect::<Vec<_>>())
-        .bind(jobs.iter().map(|j| j.spec.idempotency_key.as_deref()).collect::<Vec<_>>())
-        .bind(jobs.iter().map(|j| millis(j.spec.retry.initial)).collect::<Vec<_>>())
-        .bind(jobs.iter().map(|j| millis(j.spec.retry.max)).collect::<Vec<_>>())
-        .bind(jobs.iter().map(|j| j.spec.retry.multiplier).collect::<Vec<_>>())
-        .bind(metadata)
+        .bind(keys.iter().map(|k| k.queue.as_str()).collect::<Vec<_>>())
+        .bind(keys.iter().map(|k| k.key.as_str()).collect::<Vec<_>>())
+        .bind(keys.iter().map(|k| k.job_id).collect::<Vec<_>>())
+        .bind(keys.iter().map(|k| k.spec_hash.as_slice()).collect::<Vec<_>>())
         .execute(&mut *tx)
         .await?;
-        sqlx::query("SELECT pg_notify($1, $2)").bind(super::ENQUEUED_CHANNEL).bind(notify).execute(&mut *tx).await?;
+        if taken.rows_affected() != keys.len() as u64 {
+            tx.rollback().await?;
+            return Ok(Inserted::KeyTaken);
+        }
+        insert_and_notify(&mut *tx, jobs, notify).await?;
         tx.commit().await?;
         Ok(Inserted::Committed)
     }
@@ -166,7 +139,8 @@ impl Store {
     /// How long until the next scheduled job of `queues` is due, by the database clock.
     pub async fn next_due(&self, queues: &[String]) -> Result<Option<Duration>> {
         let ms: Option<f64> = sqlx::query_scalar(
-            "SELECT extract(epoch FROM min(run_at) - clock_timestamp()) * 1000 FROM jobs \
+            // `extract` answers numeric since Postgres 14; float8 is what decodes into f64.
+            "SELECT (extract(epoch FROM min(run_at) - clock_timestamp()) * 1000)::float8 FROM jobs \
              WHERE queue = ANY($1) AND state = 'queued'",
         )
         .bind(queues)
@@ -415,4 +389,42 @@ impl Store {
         .await?;
         Ok(u64::try_from(deleted).unwrap_or(0))
     }
+}
+
+/// Inserts the jobs and sends one NOTIFY, in one statement.
+async fn insert_and_notify<'e>(executor: impl PgExecutor<'e>, jobs: &[NewJob], notify: &str) -> Result<()> {
+    let metadata: Vec<Json<_>> = jobs.iter().map(|j| Json(&j.spec.metadata)).collect();
+    sqlx::query(
+        "WITH inserted AS ( \
+           INSERT INTO jobs (id, queue, kind, payload, priority, run_at, max_attempts, lease_ttl_ms, \
+             execution_timeout_ms, idempotency_key, initial_backoff_ms, max_backoff_ms, backoff_multiplier, \
+             metadata, created_at) \
+           SELECT id, queue, kind, payload, priority, COALESCE(run_at, now()), max_attempts, lease_ttl_ms, \
+             execution_timeout_ms, idempotency_key, initial_backoff_ms, max_backoff_ms, backoff_multiplier, \
+             metadata, now() \
+           FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[], $5::int[], $6::timestamptz[], $7::int[], \
+             $8::bigint[], $9::bigint[], $10::text[], $11::bigint[], $12::bigint[], $13::float8[], $14::jsonb[]) \
+           AS t(id, queue, kind, payload, priority, run_at, max_attempts, lease_ttl_ms, execution_timeout_ms, \
+             idempotency_key, initial_backoff_ms, max_backoff_ms, backoff_multiplier, metadata)) \
+         SELECT pg_notify($15, $16)",
+    )
+    .bind(jobs.iter().map(|j| j.id).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|j| j.spec.queue.as_str()).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|j| j.spec.kind.as_str()).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|j| j.spec.payload.as_slice()).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|j| j.spec.priority).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|j| j.run_at).collect::<Vec<Option<DateTime<Utc>>>>())
+    .bind(jobs.iter().map(|j| j.spec.max_attempts as i32).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|j| millis(j.spec.lease_ttl)).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|j| j.spec.execution_timeout.map(millis)).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|j| j.spec.idempotency_key.as_deref()).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|j| millis(j.spec.retry.initial)).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|j| millis(j.spec.retry.max)).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|j| j.spec.retry.multiplier).collect::<Vec<_>>())
+    .bind(metadata)
+    .bind(super::ENQUEUED_CHANNEL)
+    .bind(notify)
+    .execute(executor)
+    .await?;
+    Ok(())
 }

@@ -8,6 +8,8 @@
 
 #![allow(dead_code)] // every test binary compiles this module and uses a different part of it
 
+pub mod worker;
+
 use std::{
     future::Future,
     net::SocketAddr,

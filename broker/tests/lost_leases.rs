@@ -1,0 +1,207 @@
+//! Detecting lost leases (SPEC: detecting lost leases): a closed stream gives its leases the reconnect grace, a
+//! worker that reconnects within it keeps them, a half-closed stream is not a closed one, a silent worker loses its
+//! lease after `lease_ttl`, and an attempt past `execution_timeout` is lost even while heartbeating.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use broker::config::Settings;
+use chrono::{DateTime, Utc};
+use common::{TestBroker, test_database, worker::*};
+use jobbroker::v1 as pb;
+
+const QUEUE: &str = "lossy";
+const GRACE: Duration = Duration::from_secs(1);
+
+fn duration(value: Duration) -> prost_types::Duration {
+    value.try_into().expect("a small duration")
+}
+
+fn instant(value: Option<&prost_types::Timestamp>) -> DateTime<Utc> {
+    let value = value.expect("a timestamp");
+    DateTime::from_timestamp(value.seconds, value.nanos as u32).expect("a valid timestamp")
+}
+
+/// Quick reaper, short grace: lost leases are found within a fraction of a second.
+fn settings(url: String) -> Settings {
+    let mut settings = Settings::with_database(url);
+    settings.reconnect_grace = GRACE;
+    settings.reaper_interval = Duration::from_millis(200);
+    settings
+}
+
+/// A job with the given lease TTL whose retries are due at once, so a lost lease is re-offered without backoff.
+fn spec(lease_ttl: Duration) -> pb::JobSpec {
+    pb::JobSpec {
+        lease_ttl: Some(duration(lease_ttl)),
+        retry: Some(pb::RetryPolicy {
+            initial_backoff: Some(duration(Duration::from_millis(1))),
+            ..Default::default()
+        }),
+        ..pb::JobSpec::new(QUEUE, "work", b"payload".to_vec())
+    }
+}
+
+#[tokio::test]
+async fn a_vanished_workers_job_goes_to_another_worker_after_the_reconnect_grace() {
+    let broker = TestBroker::start(settings(test_database().await)).await;
+    let mut client = broker.client().await;
+
+    let mut a = TestWorker::connect(client.clone(), "worker-a", &[QUEUE], 1).await;
+    // A long TTL: only the closed stream can make this lease expire within the test.
+    let id = enqueue(&mut client, vec![spec(Duration::from_secs(60))]).await.remove(0);
+    let first = a.assignment(Duration::from_secs(5)).await;
+    let mut b = TestWorker::connect(client.clone(), "worker-b", &[QUEUE], 1).await;
+
+    let vanished = Instant::now();
+    drop(a);
+    let second = b.assignment(GRACE + Duration::from_secs(3)).await;
+    let elapsed = vanished.elapsed();
+    println!("re-leased {elapsed:?} after the worker vanished (reconnect grace {GRACE:?})");
+    assert!(elapsed >= GRACE - Duration::from_millis(100), "re-leased before the reconnect grace: {elapsed:?}");
+    assert!(elapsed <= GRACE + Duration::from_secs(1), "re-leased later than grace + 1 s: {elapsed:?}");
+
+    let job = second.job.expect("a job");
+    assert_eq!((job.id.as_str(), job.attempt), (id.as_str(), 2));
+    assert_eq!(job.last_error, "lease expired");
+    assert_ne!(second.lease_id, first.lease_id);
+    assert_eq!(b.succeed(&second.lease_id, b"done").await.expect("B completes"), pb::JobState::Succeeded);
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn a_worker_that_reconnects_within_the_grace_keeps_its_lease() {
+    let broker = TestBroker::start(settings(test_database().await)).await;
+    let mut client = broker.client().await;
+
+    let mut a = TestWorker::connect(client.clone(), "worker-a", &[QUEUE], 1).await;
+    let id = enqueue(&mut client, vec![spec(Duration::from_secs(10))]).await.remove(0);
+    let lease = a.assignment(Duration::from_secs(5)).await.lease_id;
+    let mut b = TestWorker::connect(client.clone(), "worker-b", &[QUEUE], 1).await;
+
+    drop(a);
+    let register = pb::Register {
+        worker_id: "worker-a".into(),
+        queues: vec![QUEUE.into()],
+        capacity: 1,
+        held_lease_ids: vec![lease.clone()],
+        ..Default::default()
+    };
+    let mut a = TestWorker::register(client.clone(), register).await.expect("A reconnects");
+    let status = a.heartbeat(&lease, None).await;
+    assert!(status.active, "the reconnected worker's lease is current: {status:?}");
+
+    // Well past the grace of the old stream (and a few reaper passes), nobody else gets the job.
+    b.expect_nothing(GRACE + Duration::from_millis(1500)).await;
+    let job = get_job(&mut client, &id).await;
+    assert_eq!(job.state(), pb::JobState::Leased);
+    assert_eq!((job.attempt, job.worker_id.as_str()), (1, "worker-a"));
+
+    let status = a.heartbeat(&lease, None).await;
+    assert!(status.active, "the lease survived the grace: {status:?}");
+    assert_eq!(a.succeed(&lease, b"resumed").await.expect("A completes"), pb::JobState::Succeeded);
+    let job = get_job(&mut client, &id).await;
+    assert_eq!((job.state(), job.attempt, job.result.as_slice()), (pb::JobState::Succeeded, 1, &b"resumed"[..]));
+    b.expect_nothing(Duration::from_millis(300)).await;
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn a_worker_that_half_closes_its_side_is_not_gone() {
+    let broker = TestBroker::start(settings(test_database().await)).await;
+    let mut client = broker.client().await;
+
+    let mut a = TestWorker::connect(client.clone(), "worker-a", &[QUEUE], 2).await;
+    a.half_close();
+    let first_id = enqueue(&mut client, vec![spec(Duration::from_secs(30))]).await.remove(0);
+    let first = a.assignment(Duration::from_secs(5)).await;
+    let deadline = instant(first.lease_expires_at.as_ref());
+
+    // Were the half-close taken for a closed stream, the lease would be lost after the grace and re-offered.
+    a.expect_nothing(GRACE + Duration::from_millis(1500)).await;
+    let job = get_job(&mut client, &first_id).await;
+    assert_eq!((job.state(), job.attempt), (pb::JobState::Leased, 1));
+    assert_eq!(instant(job.lease_expires_at.as_ref()), deadline, "the lease was shortened");
+
+    let second_id = enqueue(&mut client, vec![spec(Duration::from_secs(30))]).await.remove(0);
+    let second = a.assignment(Duration::from_secs(5)).await;
+    assert_eq!(second.job.map(|j| j.id), Some(second_id), "a half-closed stream still receives jobs");
+    assert!(a.heartbeat(&first.lease_id, None).await.active);
+    assert_eq!(a.succeed(&first.lease_id, b"one").await.expect("complete"), pb::JobState::Succeeded);
+    assert_eq!(a.succeed(&second.lease_id, b"two").await.expect("complete"), pb::JobState::Succeeded);
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn a_hung_worker_loses_its_lease_after_the_lease_ttl() {
+    let broker = TestBroker::start(settings(test_database().await)).await;
+    let mut client = broker.client().await;
+    let ttl = Duration::from_secs(1);
+
+    let mut a = TestWorker::connect(client.clone(), "worker-a", &[QUEUE], 1).await;
+    let id = enqueue(&mut client, vec![spec(ttl)]).await.remove(0);
+    let first = a.assignment(Duration::from_secs(5)).await;
+    let leased = Instant::now();
+    // Hung: the stream stays open, nothing is sent; it takes no more work, so only B can get the job back.
+    a.set_capacity(0).await;
+    let mut b = TestWorker::connect(client.clone(), "worker-b", &[QUEUE], 1).await;
+
+    let second = b.assignment(ttl + Duration::from_secs(3)).await;
+    let elapsed = leased.elapsed();
+    println!("re-leased {elapsed:?} after the lease was granted (lease_ttl {ttl:?})");
+    assert!(elapsed >= ttl - Duration::from_millis(100), "re-leased before the lease expired: {elapsed:?}");
+    let job = second.job.expect("a job");
+    assert_eq!((job.id.as_str(), job.attempt, job.worker_id.as_str()), (id.as_str(), 2, "worker-b"));
+    assert_eq!(job.last_error, "lease expired");
+
+    let status = a.heartbeat(&first.lease_id, None).await;
+    assert!(!status.active, "the hung worker learns its lease is lost: {status:?}");
+    a.expect_nothing(Duration::from_millis(300)).await;
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn an_attempt_past_its_execution_timeout_is_lost_even_while_heartbeating() {
+    let broker = TestBroker::start(settings(test_database().await)).await;
+    let mut client = broker.client().await;
+    let timeout = Duration::from_secs(1);
+    let ttl = Duration::from_secs(10);
+
+    let mut a = TestWorker::connect(client.clone(), "worker-a", &[QUEUE], 1).await;
+    let spec = pb::JobSpec { execution_timeout: Some(duration(timeout)), ..spec(ttl) };
+    let id = enqueue(&mut client, vec![spec]).await.remove(0);
+    let first = a.assignment(Duration::from_secs(5)).await;
+    let leased = Instant::now();
+    a.set_capacity(0).await;
+    let mut b = TestWorker::connect(client.clone(), "worker-b", &[QUEUE], 1).await;
+
+    // A heartbeats diligently every 100 ms until B gets the job.
+    let mut active_beats = 0;
+    let second = loop {
+        match b.next_message(Duration::from_millis(100)).await {
+            Some(Ok(pb::lease_response::Response::Assignment(assignment))) => break assignment,
+            Some(other) => panic!("expected an assignment, got {other:?}"),
+            None => {}
+        }
+        assert!(leased.elapsed() < ttl, "the job was not re-leased within its lease_ttl");
+        if a.heartbeat(&first.lease_id, None).await.active {
+            active_beats += 1;
+        }
+    };
+    let elapsed = leased.elapsed();
+    println!("re-leased {elapsed:?} after the lease was granted (execution_timeout {timeout:?}, lease_ttl {ttl:?})");
+    assert!(active_beats > 0, "A's heartbeats were never accepted");
+    assert!(elapsed >= timeout - Duration::from_millis(100), "re-leased before the execution timeout: {elapsed:?}");
+    assert!(elapsed < timeout + Duration::from_secs(2), "re-leased long after the execution timeout: {elapsed:?}");
+    let job = second.job.expect("a job");
+    assert_eq!((job.id.as_str(), job.attempt, job.worker_id.as_str()), (id.as_str(), 2, "worker-b"));
+    assert_eq!(job.last_error, "execution timeout exceeded");
+
+    let status = a.heartbeat(&first.lease_id, None).await;
+    assert!(!status.active, "a heartbeat after the timeout reports the lease inactive: {status:?}");
+    let refused = a.succeed(&first.lease_id, b"too late").await.expect_err("the timed-out lease is gone");
+    assert_eq!(refused.code(), tonic::Code::Aborted);
+    assert_eq!(b.succeed(&second.lease_id, b"done").await.expect("B completes"), pb::JobState::Succeeded);
+    broker.stop().await;
+}

@@ -38,6 +38,13 @@ pub struct DevArgs {
     /// TCP port of the private Postgres on 127.0.0.1.
     #[arg(long, env = "JOBBROKER_DEV_PG_PORT", default_value_t = 54329)]
     pub pg_port: u16,
+    /// Shell command the local worker agent runs for every job of queue `default` (payload on stdin, result on
+    /// stdout). The agent is the `worker-agent` binary next to `broker`.
+    #[arg(long, env = "JOBBROKER_DEV_AGENT_EXEC", default_value = "tr a-z A-Z")]
+    pub agent_exec: String,
+    /// Do not start the local worker agent.
+    #[arg(long, env = "JOBBROKER_DEV_NO_AGENT")]
+    pub no_agent: bool,
 }
 
 /// Flags of the serving broker. Durations are written like `30s`, `500ms`, `5m`, `7d`.

@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod config;
+mod dev;
 pub mod devdb;
 pub mod domain;
 pub mod error;
@@ -15,7 +16,7 @@ pub mod store;
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 
-use crate::config::{Cli, Command, DevArgs, Settings};
+use crate::config::{Cli, Command, Settings};
 pub use crate::server::serve;
 
 /// Runs the command line: serve (default), migrate, or dev.
@@ -31,40 +32,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             tracing::info!("database migrated");
             Ok(())
         }
-        Some(Command::Dev(dev)) => run_dev(cli.serve, dev).await,
+        Some(Command::Dev(args)) => dev::run(cli.serve, args).await,
     }
 }
 
+/// Serves until SIGTERM or SIGINT.
 async fn serve_forever(settings: Settings) -> anyhow::Result<()> {
     let listener =
         TcpListener::bind(settings.listen).await.with_context(|| format!("cannot listen on {}", settings.listen))?;
     serve(listener, settings, server::termination()).await
-}
-
-/// Starts a private Postgres in a local data directory, then serves against it.
-async fn run_dev(mut serve_args: config::ServeArgs, dev: DevArgs) -> anyhow::Result<()> {
-    let options = devdb::PgOptions::default();
-    let data_dir = dev.data_dir.unwrap_or_else(|| devdb::scratch_dir("dev-postgres"));
-    let port = dev.pg_port;
-    let dir = data_dir.clone();
-    let postgres = tokio::task::spawn_blocking(move || devdb::LocalPostgres::start(&dir, port, &options))
-        .await
-        .context("the Postgres launcher panicked")??;
-    serve_args.database_url = Some(postgres.url());
-    let settings = serve_args.validate().map_err(anyhow::Error::msg)?;
-    let address = settings.listen;
-    println!(
-        "jobbroker dev: Postgres at {} (data in {}); gRPC on {address}\n\
-         Try it (grpcurl, or `buf curl --protocol grpc --http2-prior-knowledge`):\n  \
-         grpcurl -plaintext -d '{{\"jobs\":[{{\"queue\":\"default\",\"kind\":\"hello\",\"payload\":\"aGk=\"}}]}}' \
-         127.0.0.1:{port} jobbroker.v1.BrokerService/Enqueue",
-        postgres.url(),
-        data_dir.display(),
-        port = address.port(),
-    );
-    let served = serve_forever(settings).await;
-    if let Err(error) = tokio::task::spawn_blocking(move || postgres.stop()).await? {
-        tracing::warn!(%error, "could not stop the dev Postgres");
-    }
-    served
 }

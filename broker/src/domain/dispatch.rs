@@ -288,6 +288,8 @@ impl Dispatcher {
         for group in groups {
             group.stop.cancel();
             for session in group.sessions.lock().expect("group lock").iter() {
+                // A claim still in flight releases what it got instead of sending it down a closing stream.
+                session.state.lock().expect("session lock").closed = true;
                 let reason = Error::Unavailable("the broker is shutting down; reconnect to another replica".into());
                 let _ = session.events.send(SessionEvent::Closed(reason));
             }

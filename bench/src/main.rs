@@ -5,6 +5,8 @@
 //! latency and re-lease time after a killed worker. Figures are printed as a table, or JSON with `--json`.
 //! It asserts nothing: it is a measuring instrument, not a test.
 
+mod agent;
+
 use std::{
     sync::{
         Arc,
@@ -54,6 +56,15 @@ struct Args {
     /// Reconnect grace the broker gives a killed worker's leases.
     #[arg(long, default_value = "5s", value_parser = humantime_duration)]
     reconnect_grace: Duration,
+    /// Measure the worker-agent binary at this path instead (idle RSS, jobs/s through `--exec true` and `--http`).
+    #[arg(long, value_name = "PATH")]
+    agent: Option<std::path::PathBuf>,
+    /// Jobs per worker-agent run.
+    #[arg(long, default_value_t = 2000)]
+    agent_jobs: usize,
+    /// The worker agent's `--capacity`.
+    #[arg(long, default_value_t = 8)]
+    agent_capacity: u32,
 }
 
 fn humantime_duration(text: &str) -> Result<Duration, String> {
@@ -78,7 +89,7 @@ async fn main() -> anyhow::Result<()> {
     psql(&server_url, &format!("CREATE DATABASE {database}"))?;
     let url = format!("{}/{database}", server_url.rsplit_once('/').map_or(server_url.as_str(), |(base, _)| base));
 
-    let mut settings = Settings::with_database(url);
+    let mut settings = Settings::with_database(url.clone());
     settings.reconnect_grace = args.reconnect_grace;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let address = format!("http://{}", listener.local_addr()?);
@@ -87,12 +98,16 @@ async fn main() -> anyhow::Result<()> {
     let mut client = connect(&address).await?;
 
     let mut figures = Vec::new();
-    figures.push(enqueue_single(&address, args.single, args.clients).await?);
-    figures.push(enqueue_batches(&address, "batch100", args.jobs, 100).await?);
-    figures.push(enqueue_batches(&address, "drain", args.jobs, 1000).await?);
-    figures.push(drain(&address, "drain", args.jobs, args.workers, args.capacity).await?);
-    figures.extend(pickup_latency(&mut client, args.latency_samples).await?);
-    figures.push(relelease_after_kill(&address).await?);
+    if let Some(agent) = &args.agent {
+        figures = agent::run(&address, &url, agent, args.agent_jobs, args.agent_capacity).await?;
+    } else {
+        figures.push(enqueue_single(&address, args.single, args.clients).await?);
+        figures.push(enqueue_batches(&address, "batch100", args.jobs, 100).await?);
+        figures.push(enqueue_batches(&address, "drain", args.jobs, 1000).await?);
+        figures.push(drain(&address, "drain", args.jobs, args.workers, args.capacity).await?);
+        figures.extend(pickup_latency(&mut client, args.latency_samples).await?);
+        figures.push(relelease_after_kill(&address).await?);
+    }
 
     stop.cancel();
     served.await??;

@@ -105,9 +105,18 @@ pub struct TestBroker {
 
 impl TestBroker {
     /// Serves `settings` (its `listen` is replaced by the address bound here) until stopped or dropped.
-    pub async fn start(mut settings: Settings) -> TestBroker {
+    pub async fn start(settings: Settings) -> TestBroker {
+        TestBroker::start_on(settings, SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0))).await
+    }
+
+    /// Like [`TestBroker::start`] but on `addr`: pass an earlier broker's `addr` to restart "the same" broker
+    /// where its clients reconnect. Retries the bind for a few seconds while the port is still being released.
+    pub async fn start_on(mut settings: Settings, addr: SocketAddr) -> TestBroker {
         init_tracing();
-        let listener = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await.expect("binding 127.0.0.1:0");
+        let listener = wait_for(&format!("binding {addr}"), Duration::from_secs(5), || async move {
+            TcpListener::bind(addr).await.ok()
+        })
+        .await;
         let addr = listener.local_addr().expect("the bound address");
         settings.listen = addr;
         let stop_timeout = settings.shutdown_grace + Duration::from_secs(10);

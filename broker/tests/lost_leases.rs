@@ -143,8 +143,8 @@ async fn a_hung_worker_loses_its_lease_after_the_lease_ttl() {
     let id = enqueue(&mut client, vec![spec(ttl)]).await.remove(0);
     let first = a.assignment(Duration::from_secs(5)).await;
     let leased = Instant::now();
-    // Hung: the stream stays open, nothing is sent; it takes no more work, so only B can get the job back.
-    a.set_capacity(0).await;
+    // Hung: the stream stays open with a free slot once the lease is reaped, but nothing is sent. The reaped
+    // lease keeps that slot taken until A shows it noticed, so the job goes to B, not back to A.
     let mut b = TestWorker::connect(client.clone(), "worker-b", &[QUEUE], 1).await;
 
     let second = b.assignment(ttl + Duration::from_secs(3)).await;
@@ -155,9 +155,14 @@ async fn a_hung_worker_loses_its_lease_after_the_lease_ttl() {
     assert_eq!((job.id.as_str(), job.attempt, job.worker_id.as_str()), (id.as_str(), 2, "worker-b"));
     assert_eq!(job.last_error, "lease expired");
 
+    a.expect_nothing(Duration::from_millis(300)).await;
+
     let status = a.heartbeat(&first.lease_id, None).await;
     assert!(!status.active, "the hung worker learns its lease is lost: {status:?}");
-    a.expect_nothing(Duration::from_millis(300)).await;
+    // Having noticed, A's slot is free again: the next job (B is full) goes to A.
+    let next = enqueue(&mut client, vec![spec(ttl)]).await.remove(0);
+    let third = a.assignment(Duration::from_secs(5)).await;
+    assert_eq!(third.job.expect("a job").id, next);
     broker.stop().await;
 }
 

@@ -98,6 +98,9 @@ struct Group {
 struct LeaseHolder {
     session: Arc<Session>,
     job_id: Uuid,
+    /// The reaper took the lease away; its slot stays taken until the worker shows it knows (heartbeat or
+    /// Complete answered "not current"), so a stuck worker is not handed the job straight back.
+    lost: bool,
 }
 
 /// All Lease streams of this replica.
@@ -174,7 +177,7 @@ impl Dispatcher {
             let mut leases = self.leases.lock().expect("leases lock");
             let mut state = session.state.lock().expect("session lock");
             for (lease_id, job_id) in adopted {
-                leases.insert(lease_id, LeaseHolder { session: session.clone(), job_id });
+                leases.insert(lease_id, LeaseHolder { session: session.clone(), job_id, lost: false });
                 state.outstanding.insert(lease_id);
             }
         }
@@ -258,6 +261,13 @@ impl Dispatcher {
         }
     }
 
+    /// The reaper took `lease_id` away: keep its slot taken until the worker learns of it ([`Self::lease_ended`]).
+    pub fn lease_lost(&self, lease_id: Uuid) {
+        if let Some(holder) = self.leases.lock().expect("leases lock").get_mut(&lease_id) {
+            holder.lost = true;
+        }
+    }
+
     /// Tells the stream holding `lease_id`, if it is on this replica, that its job was cancelled.
     pub fn cancel_requested(&self, lease_id: Uuid) {
         let leases = self.leases.lock().expect("leases lock");
@@ -276,9 +286,10 @@ impl Dispatcher {
         }
     }
 
-    /// Every lease this replica delivered that is not known to be finished.
+    /// Every lease this replica delivered that is not known to be finished (or taken away by the reaper).
     pub fn outstanding(&self) -> Vec<Uuid> {
-        self.leases.lock().expect("leases lock").keys().copied().collect()
+        let leases = self.leases.lock().expect("leases lock");
+        leases.iter().filter(|(_, holder)| !holder.lost).map(|(lease_id, _)| *lease_id).collect()
     }
 
     /// Shutdown: stop claiming and tell every stream to reconnect elsewhere. Leases keep their deadlines.
@@ -352,7 +363,7 @@ impl Dispatcher {
             self.leases
                 .lock()
                 .expect("leases lock")
-                .insert(lease_id, LeaseHolder { session: session.clone(), job_id: job.id });
+                .insert(lease_id, LeaseHolder { session: session.clone(), job_id: job.id, lost: false });
             let delivered = {
                 let mut state = session.state.lock().expect("session lock");
                 let fits = !state.closed && (state.outstanding.len() as u32) < state.capacity;

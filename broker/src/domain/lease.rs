@@ -22,14 +22,19 @@ pub struct Leases {
 
 impl Leases {
     /// Applies settles in one statement and tells dispatch and watchers; returns the leases that held.
-    pub async fn settle(&self, items: &[SettleLease]) -> Result<Vec<Settled>> {
+    /// `reaped`: the leases were taken from their holders, whose slots stay taken until they notice.
+    pub async fn settle(&self, items: &[SettleLease], reaped: bool) -> Result<Vec<Settled>> {
         if items.is_empty() {
             return Ok(Vec::new());
         }
         let settled = self.store.settle(items).await?;
         let mut requeued = false;
         for done in &settled {
-            self.dispatcher.lease_ended(done.lease_id);
+            if reaped {
+                self.dispatcher.lease_lost(done.lease_id);
+            } else {
+                self.dispatcher.lease_ended(done.lease_id);
+            }
             self.watchers.changed(done.job_id);
             requeued |= done.state == JobState::Queued;
         }
@@ -46,7 +51,7 @@ impl Leases {
             .iter()
             .map(|facts| SettleLease { lease_id: facts.lease_id, settle: retry::lost(facts), only_if_expired: true })
             .collect();
-        let settled = self.settle(&items).await?;
+        let settled = self.settle(&items, true).await?;
         if !settled.is_empty() {
             tracing::info!(count = settled.len(), "re-queued or failed expired leases");
         }
@@ -98,7 +103,7 @@ impl BatchHandler for CompleteHandler {
             if pending.is_empty() {
                 break;
             }
-            match leases.settle(&pending).await {
+            match leases.settle(&pending, false).await {
                 Ok(done) => settled.extend(done.into_iter().map(|s| (s.lease_id, s.state))),
                 Err(error) => return vec![Err(error); batch.len()],
             }
@@ -108,7 +113,11 @@ impl BatchHandler for CompleteHandler {
             .iter()
             .map(|(lease_id, _)| match settled.get(lease_id) {
                 Some(state) if answered.insert(*lease_id) => Ok(*state),
-                _ => Err(Error::LeaseLost(lease_id.to_string())),
+                _ => {
+                    // The worker now knows its lease is gone: free its slot.
+                    leases.dispatcher.lease_ended(*lease_id);
+                    Err(Error::LeaseLost(lease_id.to_string()))
+                }
             })
             .collect()
     }

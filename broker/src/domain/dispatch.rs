@@ -16,7 +16,10 @@ use std::{
 };
 
 use chrono::{DateTime, Utc};
-use tokio::sync::{Notify, mpsc};
+use tokio::{
+    sync::{Notify, mpsc},
+    time::Instant,
+};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use uuid::Uuid;
 
@@ -90,6 +93,9 @@ impl Session {
 struct Group {
     queues: Arc<[String]>,
     sessions: Mutex<Vec<Arc<Session>>>,
+    /// Due jobs may be waiting: set by enqueues, re-queues, timers and new streams; cleared by a claim that came
+    /// back short. A slot freed while it is clear costs no claim (an idle queue is not polled per completion).
+    work: AtomicBool,
     wake: Notify,
     stop: CancellationToken,
 }
@@ -183,6 +189,7 @@ impl Dispatcher {
         }
         group.sessions.lock().expect("group lock").push(session.clone());
         drop(groups);
+        group.work.store(true, Ordering::SeqCst);
         group.wake.notify_one();
         Ok((session, receive))
     }
@@ -191,6 +198,7 @@ impl Dispatcher {
         let group = Arc::new(Group {
             queues,
             sessions: Mutex::default(),
+            work: AtomicBool::new(true),
             wake: Notify::new(),
             stop: self.shutdown.child_token(),
         });
@@ -281,6 +289,7 @@ impl Dispatcher {
         let groups = self.groups.lock().expect("groups lock");
         for group in groups.values() {
             if queues.is_none_or(|queues| group.queues.iter().any(|q| queues.contains(&q.as_str()))) {
+                group.work.store(true, Ordering::SeqCst);
                 group.wake.notify_one();
             }
         }
@@ -308,17 +317,22 @@ impl Dispatcher {
     }
 
     async fn run_group(self: Arc<Self>, group: Arc<Group>) {
-        let mut wait = Duration::ZERO;
+        // When to look again without being woken: the safety-net poll, or sooner when a scheduled job comes due.
+        let mut deadline = Instant::now();
         loop {
             tokio::select! {
                 () = group.wake.notified() => {}
-                () = tokio::time::sleep(wait) => {}
+                () = tokio::time::sleep_until(deadline) => {
+                    group.work.store(true, Ordering::SeqCst);
+                    deadline = Instant::now() + self.settings.poll_interval;
+                }
                 () = group.stop.cancelled() => return,
             }
-            wait = self.settings.poll_interval;
-            loop {
+            // The flag is taken before looking, so a wake that arrives during a claim is never lost.
+            while group.work.swap(false, Ordering::SeqCst) {
                 let slots = reserve(&group, self.settings.max_claim);
                 if slots.is_empty() {
+                    group.work.store(true, Ordering::SeqCst);
                     break;
                 }
                 let offered: Vec<Slot> =
@@ -335,24 +349,26 @@ impl Dispatcher {
                     }
                 };
                 let full = claimed.len() == slots.len();
-                let none = claimed.is_empty();
-                self.deliver(&slots, claimed).await;
-                if none {
+                if full {
+                    group.work.store(true, Ordering::SeqCst);
+                }
+                if self.deliver(&slots, claimed).await {
+                    group.work.store(true, Ordering::SeqCst);
+                }
+                if !full {
                     match self.store.next_due(&group.queues).await {
-                        Ok(Some(due)) => wait = wait.min(due + Duration::from_millis(1)),
+                        Ok(Some(due)) => deadline = deadline.min(Instant::now() + due + Duration::from_millis(1)),
                         Ok(None) => {}
                         Err(error) => tracing::warn!(%error, "cannot read when the next scheduled job is due"),
                     }
-                }
-                if !full {
-                    break;
                 }
             }
         }
     }
 
     /// Pushes claimed jobs down their streams; a job whose stream closed or shrank meanwhile is released.
-    async fn deliver(&self, slots: &[Arc<Session>], claimed: Vec<(usize, Job)>) {
+    /// True if any was released (so it is due again).
+    async fn deliver(&self, slots: &[Arc<Session>], claimed: Vec<(usize, Job)>) -> bool {
         let mut undelivered = Vec::new();
         for (slot, job) in claimed {
             let (Some(lease_id), Some(lease_expires_at)) = (job.lease_id, job.lease_expires_at) else {
@@ -380,11 +396,13 @@ impl Dispatcher {
                 undelivered.push(SettleLease { lease_id, settle: Settle::Release, only_if_expired: false });
             }
         }
-        if !undelivered.is_empty()
-            && let Err(error) = self.store.settle(&undelivered).await
-        {
+        if undelivered.is_empty() {
+            return false;
+        }
+        if let Err(error) = self.store.settle(&undelivered).await {
             tracing::warn!(%error, count = undelivered.len(), "could not release undelivered leases; they expire at their deadline");
         }
+        true
     }
 }
 

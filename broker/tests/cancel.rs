@@ -14,10 +14,6 @@ use tonic_types::StatusExt;
 
 const QUEUE: &str = "cancellable";
 
-fn duration(value: Duration) -> prost_types::Duration {
-    value.try_into().expect("a small duration")
-}
-
 fn spec(payload: &[u8]) -> pb::JobSpec {
     pb::JobSpec::new(QUEUE, "work", payload.to_vec())
 }

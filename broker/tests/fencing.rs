@@ -16,15 +16,6 @@ use tonic_types::StatusExt;
 
 const QUEUE: &str = "fenced";
 
-fn duration(value: Duration) -> prost_types::Duration {
-    value.try_into().expect("a small duration")
-}
-
-fn instant(value: Option<&prost_types::Timestamp>) -> DateTime<Utc> {
-    let value = value.expect("a timestamp");
-    DateTime::from_timestamp(value.seconds, value.nanos as u32).expect("a valid timestamp")
-}
-
 /// A job whose lease lasts `lease_ttl` and whose retries are due at once (a lost lease is a retryable failure).
 fn short_lease(payload: &[u8], lease_ttl: Duration) -> pb::JobSpec {
     pb::JobSpec {

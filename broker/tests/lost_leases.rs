@@ -7,21 +7,11 @@ mod common;
 use std::time::{Duration, Instant};
 
 use broker::config::Settings;
-use chrono::{DateTime, Utc};
 use common::{TestBroker, test_database, worker::*};
 use jobbroker::v1 as pb;
 
 const QUEUE: &str = "lossy";
 const GRACE: Duration = Duration::from_secs(1);
-
-fn duration(value: Duration) -> prost_types::Duration {
-    value.try_into().expect("a small duration")
-}
-
-fn instant(value: Option<&prost_types::Timestamp>) -> DateTime<Utc> {
-    let value = value.expect("a timestamp");
-    DateTime::from_timestamp(value.seconds, value.nanos as u32).expect("a valid timestamp")
-}
 
 /// Quick reaper, short grace: lost leases are found within a fraction of a second.
 fn settings(url: String) -> Settings {
@@ -31,7 +21,7 @@ fn settings(url: String) -> Settings {
     settings
 }
 
-/// A job with the given lease TTL whose retries are due at once, so a lost lease is re-offered without backoff.
+/// A job with the given lease TTL (and a tiny retry backoff, though a lost lease is re-queued at once anyway).
 fn spec(lease_ttl: Duration) -> pb::JobSpec {
     pb::JobSpec {
         lease_ttl: Some(duration(lease_ttl)),

@@ -16,15 +16,6 @@ const QUEUE: &str = "retried";
 /// The default lease TTL the jobs here keep, to recover the claim instant from an assignment's deadline.
 const LEASE_TTL: Duration = Duration::from_secs(30);
 
-fn duration(value: Duration) -> prost_types::Duration {
-    value.try_into().expect("a small duration")
-}
-
-fn instant(value: Option<&prost_types::Timestamp>) -> DateTime<Utc> {
-    let value = value.expect("a timestamp");
-    DateTime::from_timestamp(value.seconds, value.nanos as u32).expect("a valid timestamp")
-}
-
 fn ms(millis: i64) -> chrono::Duration {
     chrono::Duration::milliseconds(millis)
 }

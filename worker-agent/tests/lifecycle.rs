@@ -34,10 +34,6 @@ const RESULT_DROPPED: &str = "the result is dropped";
 /// What the agent logs when the first SIGTERM starts its drain (worker-agent/src/lib.rs).
 const DRAINING: &str = "draining: no new jobs";
 
-fn duration(value: Duration) -> prost_types::Duration {
-    value.try_into().expect("a small duration")
-}
-
 /// A job for the shell commands below with `payload` on its stdin and the given lease TTL.
 fn spec(payload: &str, lease_ttl: Duration) -> pb::JobSpec {
     pb::JobSpec { lease_ttl: Some(duration(lease_ttl)), ..pb::JobSpec::new(QUEUE, "script", payload.as_bytes()) }

@@ -102,6 +102,17 @@ impl TestWorker {
     }
 }
 
+/// A proto duration from a (small) std one.
+pub fn duration(value: Duration) -> prost_types::Duration {
+    value.try_into().expect("a small duration")
+}
+
+/// A proto timestamp that must be set, as a chrono instant.
+pub fn instant(value: Option<&prost_types::Timestamp>) -> chrono::DateTime<chrono::Utc> {
+    let value = value.expect("a timestamp");
+    chrono::DateTime::from_timestamp(value.seconds, value.nanos as u32).expect("a valid timestamp")
+}
+
 pub fn success(result: &[u8]) -> pb::complete_request::Outcome {
     pb::complete_request::Outcome::Success(pb::Success { result: result.to_vec() })
 }

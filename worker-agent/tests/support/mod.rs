@@ -28,7 +28,7 @@ pub use broker::config::Settings;
 #[allow(unused_imports)]
 pub use common::{
     TestBroker, test_database, wait_for,
-    worker::{enqueue, get_job},
+    worker::{duration, enqueue, get_job},
 };
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::{Bytes, Incoming};

@@ -86,13 +86,7 @@ impl BatchHandler for CompleteHandler {
             if !seen.insert(*lease_id) {
                 continue;
             }
-            let settle = match outcome {
-                Outcome::Failure { .. } => match facts.get(lease_id) {
-                    Some(facts) => retry::settle(facts, outcome.clone()),
-                    None => continue,
-                },
-                other => retry::settle_unfailed(other.clone()),
-            };
+            let Some(settle) = retry::settle(facts.get(lease_id), outcome.clone()) else { continue };
             items.push(SettleLease { lease_id: *lease_id, settle, only_if_expired: false });
         }
         let mut settled: HashMap<Uuid, JobState> = HashMap::new();

@@ -21,35 +21,34 @@ pub fn backoff(policy: &RetryPolicy, attempt: u32) -> Duration {
     Duration::from_secs_f64(capped * jitter)
 }
 
-/// What a worker's outcome does to the job it leased.
-pub fn settle(facts: &LeaseFacts, outcome: Outcome) -> Settle {
-    match outcome {
-        Outcome::Failure { message, non_retryable, retry_after } => {
-            if non_retryable || facts.attempt >= facts.max_attempts {
-                Settle::Fail { error: message }
-            } else {
-                let delay = retry_after.unwrap_or_else(|| backoff(&facts.retry, facts.attempt));
-                Settle::Retry { delay, error: message }
-            }
-        }
-        other => settle_unfailed(other),
-    }
-}
-
-/// What a success or release does; needs no facts about the job.
-pub fn settle_unfailed(outcome: Outcome) -> Settle {
-    match outcome {
+/// What a worker's outcome does to the job it leased. A failure needs the lease's facts (attempt, policy);
+/// without them (the lease is not current) there is nothing to decide: `None`.
+pub fn settle(facts: Option<&LeaseFacts>, outcome: Outcome) -> Option<Settle> {
+    Some(match outcome {
         Outcome::Success { result } => Settle::Succeed { result },
         Outcome::Release => Settle::Release,
-        Outcome::Failure { message, .. } => Settle::Fail { error: message },
-    }
+        Outcome::Failure { message, non_retryable, retry_after } => {
+            fail_or_retry(facts?, message, non_retryable, retry_after)
+        }
+    })
 }
 
 /// What losing a lease does: a retryable failure named after the cause, due again at once (the lease's deadline
 /// or the reconnect grace already delayed it, and the job is not to blame for its worker's crash).
 pub fn lost(facts: &LeaseFacts) -> Settle {
     let message = if facts.timed_out { "execution timeout exceeded" } else { "lease expired" };
-    settle(facts, Outcome::Failure { message: message.into(), non_retryable: false, retry_after: Some(Duration::ZERO) })
+    fail_or_retry(facts, message.into(), false, Some(Duration::ZERO))
+}
+
+/// A failure fails the job for good when it says so or when attempts have run out; otherwise it is retried after
+/// `retry_after`, or the policy's backoff.
+fn fail_or_retry(facts: &LeaseFacts, message: String, non_retryable: bool, retry_after: Option<Duration>) -> Settle {
+    if non_retryable || facts.attempt >= facts.max_attempts {
+        Settle::Fail { error: message }
+    } else {
+        let delay = retry_after.unwrap_or_else(|| backoff(&facts.retry, facts.attempt));
+        Settle::Retry { delay, error: message }
+    }
 }
 
 #[cfg(test)]
@@ -81,17 +80,19 @@ mod tests {
     #[test]
     fn failures_retry_until_attempts_run_out() {
         let failure = |non_retryable| Outcome::Failure { message: "boom".into(), non_retryable, retry_after: None };
-        assert!(matches!(settle(&facts(1, 3), failure(false)), Settle::Retry { .. }));
-        assert!(matches!(settle(&facts(3, 3), failure(false)), Settle::Fail { .. }));
-        assert!(matches!(settle(&facts(1, 3), failure(true)), Settle::Fail { .. }));
+        assert!(matches!(settle(Some(&facts(1, 3)), failure(false)), Some(Settle::Retry { .. })));
+        assert!(matches!(settle(Some(&facts(3, 3)), failure(false)), Some(Settle::Fail { .. })));
+        assert!(matches!(settle(Some(&facts(1, 3)), failure(true)), Some(Settle::Fail { .. })));
+        assert_eq!(settle(None, failure(false)), None, "a failure of a lease that is not current decides nothing");
+        assert_eq!(settle(None, Outcome::Release), Some(Settle::Release));
         let after = Outcome::Failure {
             message: "later".into(),
             non_retryable: false,
             retry_after: Some(Duration::from_secs(42)),
         };
         assert_eq!(
-            settle(&facts(1, 3), after),
-            Settle::Retry { delay: Duration::from_secs(42), error: "later".into() }
+            settle(Some(&facts(1, 3)), after),
+            Some(Settle::Retry { delay: Duration::from_secs(42), error: "later".into() })
         );
         assert_eq!(lost(&facts(3, 3)), Settle::Fail { error: "lease expired".into() });
     }

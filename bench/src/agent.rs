@@ -19,7 +19,7 @@ use tokio::{
     task::{JoinHandle, JoinSet},
 };
 
-use super::Figure;
+use super::{Figure, query};
 
 pub async fn run(
     address: &str,
@@ -173,13 +173,6 @@ async fn throughput(address: &str, database_url: &str, queue: &str, jobs: usize,
         jobs,
         Duration::from_secs_f64(seconds.parse()?),
     ))
-}
-
-/// One value (`a|b` for several columns) from `psql -tA`.
-fn query(url: &str, sql: &str) -> anyhow::Result<String> {
-    let output = std::process::Command::new("psql").args([url, "-tAc", sql]).output().context("running psql")?;
-    anyhow::ensure!(output.status.success(), "psql failed: {sql}: {}", String::from_utf8_lossy(&output.stderr));
-    Ok(String::from_utf8(output.stdout)?.trim().to_owned())
 }
 
 /// The least HTTP/1.1 server that answers every request `200 ok` on a kept-alive connection: the endpoint of the

@@ -86,7 +86,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let (server_url, _postgres) = database().await?;
     let database = format!("bench_{}", std::process::id());
-    psql(&server_url, &format!("CREATE DATABASE {database}"))?;
+    query(&server_url, &format!("CREATE DATABASE {database}"))?;
     let url = format!("{}/{database}", server_url.rsplit_once('/').map_or(server_url.as_str(), |(base, _)| base));
 
     let mut settings = Settings::with_database(url.clone());
@@ -111,7 +111,7 @@ async fn main() -> anyhow::Result<()> {
 
     stop.cancel();
     served.await??;
-    psql(&server_url, &format!("DROP DATABASE {database}"))?;
+    query(&server_url, &format!("DROP DATABASE {database}"))?;
     report(&figures, args.json);
     Ok(())
 }
@@ -128,10 +128,11 @@ async fn database() -> anyhow::Result<(String, Option<LocalPostgres>)> {
     Ok((postgres.url(), Some(postgres)))
 }
 
-fn psql(url: &str, sql: &str) -> anyhow::Result<()> {
-    let status = std::process::Command::new("psql").args([url, "-qc", sql]).status().context("running psql")?;
-    anyhow::ensure!(status.success(), "psql failed: {sql}");
-    Ok(())
+/// Runs one statement with `psql -tA`; its output (`a|b` for several columns).
+fn query(url: &str, sql: &str) -> anyhow::Result<String> {
+    let output = std::process::Command::new("psql").args([url, "-tAc", sql]).output().context("running psql")?;
+    anyhow::ensure!(output.status.success(), "psql failed: {sql}: {}", String::from_utf8_lossy(&output.stderr));
+    Ok(String::from_utf8(output.stdout)?.trim().to_owned())
 }
 
 async fn connect(address: &str) -> anyhow::Result<Client> {

@@ -7,7 +7,7 @@ use prost::Message as _;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
-    let files = ["jobbroker/v1/job.proto", "jobbroker/v1/broker.proto"];
+    let files = ["jobbroker/v1/job.proto", "jobbroker/v1/broker.proto", "jobbroker/v1/admin.proto"];
     let descriptors = protox::compile(files, ["proto"])?;
     let out = PathBuf::from(env::var("OUT_DIR")?);
     fs::write(out.join("jobbroker_descriptor.bin"), descriptors.encode_to_vec())?;

@@ -95,6 +95,7 @@ pub struct JobsArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct EnqueueArgs {
+    /// The queue to add it to (created on first use).
     pub queue: String,
     /// Which handler runs the job.
     pub kind: String,

@@ -50,7 +50,10 @@ async fn enqueue_get_watch_and_cancel() {
     let last = watched.lines().last().expect("at least one line");
     assert!(last.contains("SUCCEEDED") && last.contains("attempt 1/"), "{watched}");
     let job = broker.jobctl(&["--json", "get", &id]).await.json();
-    assert_eq!((&job["state"], &job["result"], &job["worker_id"]), (&json!("SUCCEEDED"), &json!("HELLO"), &json!("reporting-1")));
+    assert_eq!(
+        (&job["state"], &job["result"], &job["worker_id"]),
+        (&json!("SUCCEEDED"), &json!("HELLO"), &json!("reporting-1"))
+    );
 
     // The worker fails jobs whose payload starts with "fail": watch exits 3 and says why.
     let failing = enqueue(&broker, &["emails", "send", "--payload", "fail please"]).await;
@@ -184,7 +187,7 @@ async fn workers_lists_a_connected_worker() {
     })
     .await;
     assert_eq!((&listed["worker_id"], &listed["capacity"]), (&json!("reporting-1"), &json!(4)));
-    assert_eq!((&listed["queues"], &listed["labels"]), (&json!(["emails", "reports"]), &json!({"test": "jobctl"})));
+    assert_eq!((&listed["queues"], &listed["labels"]), (&json!(["emails", "reports"]), &json!({"team": "ops"})));
     let table = broker.jobctl(&["workers"]).await.ok();
     assert_eq!(row(&table, "reporting-1")[1..3], ["emails,reports", "0/4"], "{table}");
     let others = broker.jobctl(&["--json", "workers", "--queue", "billing"]).await.json();
@@ -215,15 +218,12 @@ async fn bad_input_fails_naming_the_problem() {
 async fn health_and_smoke() {
     let broker = TestBroker::start().await;
     // NOT_SERVING (exit 1) until the broker has reached its database.
-    let table = wait_for("the broker to report SERVING", Duration::from_secs(20), || async {
-        let run = broker.jobctl(&["health"]).await;
-        run.output.status.success().then(|| run.stdout())
-    })
-    .await;
+    let table = broker.ready().await;
     assert_eq!(row(&table, "(server)"), ["(server)", "SERVING"]);
     let services = ["--service", "jobbroker.v1.BrokerService", "--service", "jobbroker.v1.AdminService"];
     let answer = broker.jobctl(&[&["--json", "health"], &services[..]].concat()).await.json();
-    let statuses: Vec<_> = answer["services"].as_array().expect("services").iter().map(|s| s["status"].clone()).collect();
+    let statuses: Vec<_> =
+        answer["services"].as_array().expect("services").iter().map(|s| s["status"].clone()).collect();
     assert_eq!(statuses, [json!("SERVING"), json!("SERVING")]);
     let unknown = broker.jobctl(&["health", "--service", "no.such.Service"]).await;
     assert_eq!(unknown.fails_with(1), "jobctl: not healthy: \"no.such.Service\" is SERVICE_UNKNOWN\n");
@@ -233,11 +233,14 @@ async fn health_and_smoke() {
     let summary = broker.jobctl(&["--json", "smoke", "--queue", "smoke-2"]).await.json();
     assert_eq!((&summary["passed"], &summary["queue"]), (&json!(true), &json!("smoke-2")));
     let job = broker.jobctl(&["--json", "get", summary["job_id"].as_str().expect("a job id")]).await.json();
-    assert_eq!((&job["state"], &job["kind"], &job["result"]), (&json!("SUCCEEDED"), &json!("jobbroker.smoke"), &json!("ok")));
+    assert_eq!(
+        (&job["state"], &job["kind"], &job["result"]),
+        (&json!("SUCCEEDED"), &json!("jobbroker.smoke"), &json!("ok"))
+    );
 }
 
 #[tokio::test]
-async fn smoke_fails_clearly_when_nothing_is_handed_out() {
+async fn smoke_releases_other_jobs_and_fails_clearly_when_nothing_is_handed_out() {
     let broker = TestBroker::start().await;
     broker.jobctl(&["pause", "jobbroker-smoke"]).await.ok();
     let run = broker.jobctl(&["smoke", "--timeout", "1s"]).await;
@@ -246,4 +249,12 @@ async fn smoke_fails_clearly_when_nothing_is_handed_out() {
     // The job it left is cancelled, so a later run is not held up by it.
     let stats = broker.jobctl(&["--json", "stats", "jobbroker-smoke"]).await.json();
     assert_eq!((&stats["queued"], &stats["cancelled"]), (&json!(0), &json!(1)));
+
+    // A job of someone else's on the smoke queue, handed out first, is given back unrun.
+    broker.jobctl(&["resume", "jobbroker-smoke"]).await.ok();
+    let other = enqueue(&broker, &["jobbroker-smoke", "other", "--priority", "1000"]).await;
+    let smoke = broker.jobctl(&["smoke"]).await.ok();
+    assert!(smoke.contains(&format!("released job {other}, left on jobbroker-smoke by an earlier run")), "{smoke}");
+    let job = broker.jobctl(&["--json", "get", &other]).await.json();
+    assert_eq!((&job["state"], &job["attempt"]), (&json!("QUEUED"), &json!(0)));
 }

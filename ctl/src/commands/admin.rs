@@ -47,7 +47,7 @@ pub async fn jobs(clients: &Clients, out: Output, args: JobsArgs) -> Result<(), 
 pub async fn retry_all(clients: &Clients, out: Output, queue: String, state: DeadState) -> Result<(), Error> {
     let request = RetryJobsRequest { queue: queue.clone(), state: JobState::from(state).into() };
     let retried = clients.admin().retry_jobs(request).await?.into_inner().retried;
-    out.show(json!({"queue": queue, "retried": retried}), || format!("retried {retried} jobs of {queue}\n"));
+    out.show(json!({"queue": queue, "retried": retried}), || format!("retried {} of {queue}\n", count_jobs(retried)));
     Ok(())
 }
 
@@ -55,7 +55,7 @@ pub async fn purge(clients: &Clients, out: Output, queue: String, state: Option<
     let state = state.map_or(JobState::Unspecified, JobState::from);
     let request = PurgeQueueRequest { queue: queue.clone(), state: state.into() };
     let purged = clients.admin().purge_queue(request).await?.into_inner().purged;
-    out.show(json!({"queue": queue, "purged": purged}), || format!("purged {purged} jobs of {queue}\n"));
+    out.show(json!({"queue": queue, "purged": purged}), || format!("purged {} of {queue}\n", count_jobs(purged)));
     Ok(())
 }
 
@@ -78,6 +78,11 @@ pub async fn workers(clients: &Clients, out: Output, queue: Option<String>) -> R
     let json = json!({"workers": workers.iter().map(render::worker_json).collect::<Vec<_>>()});
     out.show(json, || render::workers_table(&workers));
     Ok(())
+}
+
+/// `1 job`, `2 jobs`.
+fn count_jobs(count: u64) -> String {
+    format!("{count} job{}", if count == 1 { "" } else { "s" })
 }
 
 fn show_stats(out: Output, stats: Option<QueueStats>) -> Result<(), Error> {

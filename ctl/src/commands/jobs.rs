@@ -65,11 +65,9 @@ pub async fn watch(clients: &Clients, out: Output, id: String) -> Result<(), Err
     };
     match JobState::try_from(job.state) {
         Ok(JobState::Succeeded) => Ok(()),
-        Ok(JobState::Failed | JobState::Cancelled) => Err(Error::JobEnded {
-            id,
-            state: render::state_name(job.state).into(),
-            last_error: job.last_error,
-        }),
+        Ok(JobState::Failed | JobState::Cancelled) => {
+            Err(Error::JobEnded { id, state: render::state_name(job.state).into(), last_error: job.last_error })
+        }
         _ => Err(Error::Failed(format!("the broker closed the watch of job {id} before it finished"))),
     }
 }

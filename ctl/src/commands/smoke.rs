@@ -98,7 +98,8 @@ impl Smoke<'_> {
                 break assignment.lease_id;
             }
             let other = assignment.job.map(|job| job.id).unwrap_or_default();
-            let release = CompleteRequest { lease_id: assignment.lease_id, outcome: Some(Outcome::Release(Release {})) };
+            let release =
+                CompleteRequest { lease_id: assignment.lease_id, outcome: Some(Outcome::Release(Release {})) };
             let release = broker.complete(release);
             self.within(&format!("the release of job {other}"), async { Ok(release.await?) }).await?;
             self.say(format!("released job {other}, left on {} by an earlier run", self.queue));

@@ -5,14 +5,12 @@
 use std::{
     fs::File,
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Output},
 };
-
-use serde_json::Value;
 
 const BUF_VERSION: &str = "1.75.0";
 
-/// The `buf` executable, installed if needed.
+/// The `buf` executable, installed if needed. Blocks (call it from `spawn_blocking`).
 pub fn install() -> PathBuf {
     let cache = Path::new(env!("CARGO_TARGET_TMPDIR"));
     let home = cache.join(format!("buf-{BUF_VERSION}"));
@@ -26,7 +24,8 @@ pub fn install() -> PathBuf {
     if bin.exists() {
         return bin; // another process installed it while we waited
     }
-    let scratch = cache.join(format!("buf-{BUF_VERSION}.installing-{}", std::process::id()));
+    // Ours alone while we hold the lock; whatever is there was left by an install that was killed.
+    let scratch = cache.join(format!("buf-{BUF_VERSION}.installing"));
     let _ = std::fs::remove_dir_all(&scratch);
     std::fs::create_dir_all(&scratch).expect("creating the install directory");
     let status = Command::new("npm")
@@ -40,23 +39,9 @@ pub fn install() -> PathBuf {
     bin
 }
 
-/// `buf curl` over plaintext HTTP/2 with reflection (no proto files): `ARGS…` then `url`. Returns stdout after
-/// asserting success.
-pub fn curl(buf: &Path, args: &[&str], url: &str) -> String {
-    let output = Command::new(buf)
-        .args(["curl", "--protocol", "grpc", "--http2-prior-knowledge"])
-        .args(args)
-        .arg(url)
-        .output()
-        .expect("running buf curl");
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "buf curl {args:?} {url} failed: {stderr}{stdout}");
-    stdout
-}
-
-/// Calls `method` (`jobbroker.v1.AdminService/PauseQueue`) with the JSON `body`; returns the JSON answer.
-pub fn call(buf: &Path, base: &str, method: &str, body: &Value) -> Value {
-    let stdout = curl(buf, &["--data", &body.to_string()], &format!("{base}/{method}"));
-    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{method} answered no JSON ({e}): {stdout}"))
+/// Runs `buf curl --protocol grpc --http2-prior-knowledge ARGS…`.
+pub async fn curl(buf: &Path, args: &[String]) -> Output {
+    let mut command = tokio::process::Command::new(buf);
+    command.args(["curl", "--protocol", "grpc", "--http2-prior-knowledge"]).args(args);
+    command.output().await.expect("running buf curl")
 }

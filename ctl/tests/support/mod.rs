@@ -52,16 +52,27 @@ impl TestBroker {
         TestBroker { url: format!("http://{addr}"), addr, _shutdown: shutdown }
     }
 
-    /// Runs `jobctl --addr <this broker> ARGS…` to completion.
-    pub async fn jobctl(&self, args: &[&str]) -> Run {
+    /// Waits until the broker reports SERVING (it starts NOT_SERVING until it has reached its database), and returns
+    /// what `jobctl health` printed then.
+    pub async fn ready(&self) -> String {
+        wait_for("the broker to report SERVING", Duration::from_secs(20), || async {
+            let run = self.jobctl(&["health"]).await;
+            run.output.status.success().then(|| run.stdout())
+        })
+        .await
+    }
+
+    /// Runs `jobctl ARGS…` to completion, pointed at this broker by `JOBBROKER_ADDR`.
+    pub async fn jobctl(&self, args: &[impl AsRef<std::ffi::OsStr>]) -> Run {
         let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_jobctl"))
-            .args(["--addr", &self.url])
             .args(args)
+            .env("JOBBROKER_ADDR", &self.url)
             .env_remove("JOBBROKER_TOKEN")
             .output()
             .await
             .expect("running jobctl");
-        Run { args: args.join(" "), output }
+        let args = args.iter().map(|arg| arg.as_ref().to_string_lossy()).collect::<Vec<_>>().join(" ");
+        Run { args, output }
     }
 
     /// A worker on `queues` that succeeds with the payload upper-cased, or fails for good when the payload starts
@@ -69,7 +80,7 @@ impl TestBroker {
     pub fn worker(&self, worker_id: &str, queues: &[&str]) -> TestWorker {
         let mut options = WorkerOptions::new([self.url.clone()], queues.iter().copied(), 4);
         options.worker_id = worker_id.to_owned();
-        options.labels.insert("test".into(), "jobctl".into());
+        options.labels.insert("team".into(), "ops".into());
         let handler = |job: ActiveJob| async move {
             match job.payload().starts_with(b"fail") {
                 true => Outcome::Failure { message: "told to fail".into(), non_retryable: true, retry_after: None },
@@ -142,7 +153,11 @@ impl Run {
 }
 
 /// Calls `check` until it returns `Some`, and returns that; panics naming `what` after `timeout`.
-pub async fn wait_for<T, Fut: Future<Output = Option<T>>>(what: &str, timeout: Duration, mut check: impl FnMut() -> Fut) -> T {
+pub async fn wait_for<T, Fut: Future<Output = Option<T>>>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> Fut,
+) -> T {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(value) = check().await {

@@ -86,8 +86,9 @@ async fn pause_holds_jobs_until_resume() {
     let stats = broker.jobctl(&["stats", "emails"]).await.ok();
     assert_eq!(row(&stats, "emails")[8], "yes", "PAUSED column:\n{stats}");
 
+    // (The worker may take the job before the answer's stats are read, so they say nothing about it.)
     let resumed = broker.jobctl(&["--json", "resume", "emails"]).await.json();
-    assert_eq!((&resumed["paused"], &resumed["queued"]), (&json!(false), &json!(1)));
+    assert_eq!(resumed["paused"], false);
     broker.jobctl(&["watch", &held]).await.ok();
 }
 

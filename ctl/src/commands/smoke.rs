@@ -2,7 +2,8 @@
 //! for `helm test` and after a deploy. Each step is bounded by one overall deadline and named when it times out.
 //!
 //! It acts as a worker of capacity 1 on its own queue: assignments of other jobs there (left by an earlier,
-//! interrupted run) are released unrun. On failure the smoke job is cancelled so it does not linger.
+//! interrupted run) are released unrun, and it drains (capacity 0) before completing its own so that it takes no
+//! other job it would then abandon. On failure the smoke job is cancelled so it does not linger.
 
 use std::{
     future::Future,
@@ -11,7 +12,7 @@ use std::{
 
 use jobbroker::v1::{
     CancelJobRequest, CompleteRequest, EnqueueRequest, GetJobRequest, JobSpec, JobState, LeaseRequest, Register,
-    Release, Success, complete_request::Outcome, lease_request, lease_response,
+    Release, SetCapacity, Success, complete_request::Outcome, lease_request, lease_response,
 };
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -105,6 +106,10 @@ impl Smoke<'_> {
             self.say(format!("released job {other}, left on {} by an earlier run", self.queue));
         };
         self.say(format!("leased job {id} (lease {lease_id})"));
+        // Drain before completing, so the slot our job frees is not filled with another job just before we close
+        // the stream. The stream applies it long before the completion's commit.
+        let drain = LeaseRequest { request: Some(lease_request::Request::Capacity(SetCapacity { capacity: 0 })) };
+        requests.send(drain).await.map_err(|_| Error::Failed("the Lease stream closed".into()))?;
         let success = Outcome::Success(Success { result: RESULT.to_vec() });
         let complete = broker.complete(CompleteRequest { lease_id: lease_id.clone(), outcome: Some(success) });
         let state = self.within("the completion", async { Ok(complete.await?.into_inner().state) }).await?;

@@ -3,9 +3,9 @@
 //! Every flag has an environment variable. [`Settings`] is what the rest of the broker trusts: durations are
 //! positive, limits are in range. This module reads nothing from the database and starts nothing.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, str::FromStr, sync::Arc, time::Duration};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// The longest duration a job may ask for (lease TTL, execution timeout, backoff): 30 days.
 pub const MAX_JOB_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -17,6 +17,15 @@ pub struct Cli {
     pub command: Option<Command>,
     #[command(flatten)]
     pub serve: ServeArgs,
+    /// Log lines as human-readable text or as JSON objects (one per line), on stdout.
+    #[arg(long, env = "JOBBROKER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -56,6 +65,9 @@ pub struct ServeArgs {
     /// gRPC listen address.
     #[arg(long, env = "JOBBROKER_LISTEN", default_value = "0.0.0.0:50051")]
     pub listen: SocketAddr,
+    /// HTTP listen address of the Prometheus endpoint (`GET /metrics`), or `off`.
+    #[arg(long, env = "JOBBROKER_METRICS_LISTEN", default_value = "0.0.0.0:9464")]
+    pub metrics_listen: AddressOrOff,
     /// Largest number of Postgres connections this replica opens.
     #[arg(long, env = "JOBBROKER_DB_POOL_SIZE", default_value_t = 16)]
     pub db_pool_size: u32,
@@ -132,6 +144,7 @@ pub struct ServeArgs {
 pub struct Settings {
     pub database_url: String,
     pub listen: SocketAddr,
+    pub metrics: MetricsListen,
     pub db_pool_size: u32,
     pub db_acquire_timeout: Duration,
     pub migrate: bool,
@@ -147,6 +160,32 @@ pub struct Settings {
     pub writers: usize,
     pub keepalive: Duration,
     pub shutdown_grace: Duration,
+}
+
+/// A listen address, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AddressOrOff(pub Option<SocketAddr>);
+
+impl FromStr for AddressOrOff {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        if text.eq_ignore_ascii_case("off") {
+            return Ok(AddressOrOff(None));
+        }
+        text.parse()
+            .map(|address| AddressOrOff(Some(address)))
+            .map_err(|_| format!("`{text}` is neither an address like 0.0.0.0:9464 nor `off`"))
+    }
+}
+
+/// Where the Prometheus endpoint listens.
+#[derive(Debug, Clone)]
+pub enum MetricsListen {
+    Off,
+    Address(SocketAddr),
+    /// A socket bound by the caller (tests bind port 0 and read the port back before serving).
+    Bound(Arc<std::net::TcpListener>),
 }
 
 /// What a job gets for the fields its spec leaves unset.
@@ -223,6 +262,7 @@ impl ServeArgs {
         Ok(Settings {
             database_url,
             listen: self.listen,
+            metrics: self.metrics_listen.0.map_or(MetricsListen::Off, MetricsListen::Address),
             db_pool_size: self.db_pool_size,
             db_acquire_timeout: self.db_acquire_timeout,
             migrate: self.migrate,
@@ -255,9 +295,10 @@ impl ServeArgs {
 }
 
 impl Settings {
-    /// Settings with every default and the given database: what tests and embedders start from.
+    /// Settings with every default and the given database: what tests and embedders start from. The metrics
+    /// endpoint is off (several brokers in one process cannot share its port); set [`Settings::metrics`] to serve it.
     pub fn with_database(database_url: impl Into<String>) -> Settings {
-        let cli = Cli::parse_from(["broker", "--database-url", &database_url.into()]);
+        let cli = Cli::parse_from(["broker", "--database-url", &database_url.into(), "--metrics-listen", "off"]);
         cli.serve.validate().expect("the defaults are valid")
     }
 }
@@ -272,5 +313,20 @@ mod tests {
         assert_eq!(cli.serve.validate().unwrap_err(), "--lease-ttl must be positive");
         let cli = Cli::parse_from(["broker"]);
         assert!(cli.serve.validate().unwrap_err().contains("DATABASE_URL"));
+    }
+
+    #[test]
+    fn metrics_listen_takes_an_address_or_off() {
+        let settings = |value: &str| {
+            let cli = Cli::try_parse_from(["broker", "--database-url", "postgres://x", "--metrics-listen", value])?;
+            Ok::<_, clap::Error>(cli.serve.validate().expect("valid"))
+        };
+        assert!(matches!(settings("off").unwrap().metrics, MetricsListen::Off));
+        let on = settings("127.0.0.1:9999").unwrap().metrics;
+        assert!(matches!(on, MetricsListen::Address(a) if a.port() == 9999), "{on:?}");
+        let error = settings("9464").unwrap_err().to_string();
+        assert!(error.contains("--metrics-listen") && error.contains("neither an address"), "{error}");
+        let default = Cli::parse_from(["broker", "--database-url", "postgres://x"]).serve.validate().unwrap();
+        assert!(matches!(default.metrics, MetricsListen::Address(a) if a.port() == 9464));
     }
 }

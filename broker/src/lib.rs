@@ -9,6 +9,7 @@ mod dev;
 pub mod devdb;
 pub mod domain;
 pub mod error;
+pub mod metrics;
 pub mod model;
 mod server;
 pub mod store;

@@ -12,7 +12,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::transport::{Server, server::TcpIncoming};
 use tonic_health::{ServingStatus, server::HealthReporter};
 
-use crate::{api::BrokerApi, config::Settings, domain::Broker, store::Store};
+use crate::{api::BrokerApi, config::Settings, domain::Broker, metrics, store::Store};
 
 /// The service name health reports per service, besides the whole server ("").
 const BROKER_SERVICE: &str = "jobbroker.v1.BrokerService";
@@ -25,6 +25,7 @@ pub async fn serve(
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let metrics_listener = metrics::bind(&settings.metrics).await?;
     let stop = CancellationToken::new();
     let background = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -45,6 +46,7 @@ pub async fn serve(
         return Ok(());
     }
     let broker = Broker::start(store.clone(), settings.clone(), tracker.clone(), background.clone());
+    metrics::spawn(metrics_listener, broker.metrics(), store.clone(), &tracker, background.clone());
     let (reporter, health) = tonic_health::server::health_reporter();
     tracker.spawn(report_health(reporter, broker.store_health(), stop.clone()));
     let reflection = || {

@@ -28,6 +28,7 @@ use self::{
 use crate::{
     config::Settings,
     error::{Error, Result},
+    metrics::Metrics,
     model::{Beat, Enqueued, Job, JobState, Outcome, SpecRequest},
     store::Store,
 };
@@ -46,6 +47,7 @@ pub struct Broker {
     heartbeat: Batcher<HeartbeatHandler>,
     dispatcher: Arc<Dispatcher>,
     watchers: Arc<Watchers>,
+    metrics: Arc<Metrics>,
     healthy: signal::Receiver<bool>,
     tracker: TaskTracker,
     /// Fired by [`Broker::close_streams`]: long-lived streams (watches) end so shutdown can drain.
@@ -56,6 +58,7 @@ impl Broker {
     /// Starts the batchers, dispatcher and background tasks on `tracker`; they stop when `shutdown` fires.
     pub fn start(store: Store, settings: Settings, tracker: TaskTracker, shutdown: CancellationToken) -> Arc<Broker> {
         let watchers = Arc::new(Watchers::default());
+        let metrics = Arc::new(Metrics::new());
         let reaper_wake = Arc::new(Notify::new());
         let dispatcher = Arc::new(Dispatcher::new(
             store.clone(),
@@ -65,16 +68,22 @@ impl Broker {
                 max_claim: settings.write_batch,
             },
             watchers.clone(),
+            metrics.clone(),
             reaper_wake.clone(),
             tracker.clone(),
             shutdown.clone(),
         ));
-        let leases =
-            Arc::new(Leases { store: store.clone(), dispatcher: dispatcher.clone(), watchers: watchers.clone() });
+        let leases = Arc::new(Leases {
+            store: store.clone(),
+            dispatcher: dispatcher.clone(),
+            watchers: watchers.clone(),
+            metrics: metrics.clone(),
+        });
         let enqueue_handler = EnqueueHandler {
             store: store.clone(),
             defaults: settings.defaults.clone(),
             dispatcher: dispatcher.clone(),
+            metrics: metrics.clone(),
         };
         let (writers, batch) = (settings.writers, settings.write_batch);
         let enqueue = Batcher::start("enqueue", Arc::new(enqueue_handler), writers, batch, &tracker, shutdown.clone());
@@ -113,10 +122,16 @@ impl Broker {
             heartbeat,
             dispatcher,
             watchers,
+            metrics,
             healthy,
             tracker,
             closing: shutdown.child_token(),
         })
+    }
+
+    /// What this replica counts, for the metrics endpoint.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
     }
 
     /// Whether the job store answers; changes as the health probe sees it.

@@ -7,7 +7,9 @@
 mod jobs;
 
 pub use jobs::{Inserted, KeyHolder, NewKey};
+pub use stats::{PoolUse, QueueDepth};
 mod rows;
+mod stats;
 
 use std::time::Duration;
 

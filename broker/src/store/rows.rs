@@ -7,14 +7,14 @@ use std::{collections::BTreeMap, time::Duration};
 
 use sqlx::{Row, postgres::PgRow, types::Json};
 
-use crate::model::{Job, JobSpec, JobState, LeaseFacts, Progress, RetryPolicy};
+use crate::model::{Job, JobSpec, JobState, LeaseFacts, Progress, RetryPolicy, TraceContext};
 
 /// Columns a job keeps when it moves from `jobs` to `finished_jobs`.
 macro_rules! carried_columns {
     () => {
         "id, queue, kind, payload, priority, run_at, max_attempts, lease_ttl_ms, execution_timeout_ms, \
          idempotency_key, initial_backoff_ms, max_backoff_ms, backoff_multiplier, metadata, created_at, attempt, \
-         worker_id, lease_id, progress_percent, progress_message"
+         worker_id, lease_id, progress_percent, progress_message, traceparent, tracestate"
     };
 }
 
@@ -24,7 +24,7 @@ macro_rules! live_job {
         concat!(
             carried_columns!(),
             ", last_error, state, lease_expires_at, cancel_requested, NULL::timestamptz AS finished_at, \
-             NULL::bytea AS result"
+             NULL::bytea AS result, leased_at"
         )
     };
 }
@@ -34,7 +34,8 @@ macro_rules! finished_job {
     () => {
         concat!(
             carried_columns!(),
-            ", last_error, state, NULL::timestamptz AS lease_expires_at, false AS cancel_requested, finished_at, result"
+            ", last_error, state, NULL::timestamptz AS lease_expires_at, false AS cancel_requested, finished_at, result, \
+             NULL::timestamptz AS leased_at"
         )
     };
 }
@@ -79,6 +80,10 @@ pub(super) fn job(row: &PgRow) -> Result<Job, sqlx::Error> {
         }),
         None => None,
     };
+    let trace = match row.try_get::<Option<String>, _>("traceparent")? {
+        Some(traceparent) => Some(TraceContext { traceparent, tracestate: row.try_get("tracestate")? }),
+        None => None,
+    };
     Ok(Job {
         id: row.try_get("id")?,
         spec: JobSpec {
@@ -105,6 +110,8 @@ pub(super) fn job(row: &PgRow) -> Result<Job, sqlx::Error> {
         result: row.try_get("result")?,
         progress,
         cancel_requested: row.try_get("cancel_requested")?,
+        leased_at: row.try_get("leased_at")?,
+        trace,
     })
 }
 

@@ -228,3 +228,41 @@ pub struct Enqueued {
     pub id: Uuid,
     pub created: bool,
 }
+
+/// A snapshot of one queue, for operators.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct QueueStats {
+    pub queue: String,
+    /// QUEUED and due now.
+    pub queued: u64,
+    /// QUEUED with `run_at` in the future.
+    pub scheduled: u64,
+    pub leased: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub cancelled: u64,
+    /// How long the oldest due QUEUED job has waited since its `run_at`.
+    pub oldest_queued_age: Duration,
+    pub paused: bool,
+    pub max_depth: Option<u64>,
+}
+
+/// One connected Lease stream, on any replica.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerInfo {
+    pub session_id: Uuid,
+    pub worker_id: String,
+    pub queues: Vec<String>,
+    pub capacity: u32,
+    pub leases_held: u32,
+    pub connected_at: DateTime<Utc>,
+    pub replica: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A page of jobs, newest first; `next` is the id to continue below.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobPage {
+    pub jobs: Vec<Job>,
+    pub next: Option<Uuid>,
+}

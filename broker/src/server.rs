@@ -6,16 +6,22 @@
 use std::{future::Future, time::Duration};
 
 use anyhow::Context as _;
-use jobbroker::v1::broker_service_server::BrokerServiceServer;
+use jobbroker::v1::{admin_service_server::AdminServiceServer, broker_service_server::BrokerServiceServer};
 use tokio::{net::TcpListener, sync::watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::transport::{Server, server::TcpIncoming};
 use tonic_health::{ServingStatus, server::HealthReporter};
 
-use crate::{api::BrokerApi, config::Settings, domain::Broker, metrics, store::Store};
+use crate::{
+    api::{AdminApi, BrokerApi},
+    config::Settings,
+    domain::Broker,
+    metrics,
+    store::Store,
+};
 
-/// The service name health reports per service, besides the whole server ("").
-const BROKER_SERVICE: &str = "jobbroker.v1.BrokerService";
+/// The services health reports on, besides the whole server ("").
+const SERVICES: [&str; 3] = ["", "jobbroker.v1.BrokerService", "jobbroker.v1.AdminService"];
 /// Longest pause between migration attempts while the database is not reachable.
 const MIGRATE_RETRY: Duration = Duration::from_secs(2);
 
@@ -63,6 +69,9 @@ pub async fn serve(
     let service = BrokerServiceServer::new(api)
         .max_decoding_message_size(settings.limits.max_message_bytes)
         .max_encoding_message_size(settings.limits.max_message_bytes);
+    let admin = AdminServiceServer::new(AdminApi::new(broker.clone()))
+        .max_decoding_message_size(settings.limits.max_message_bytes)
+        .max_encoding_message_size(settings.limits.max_message_bytes);
     let closing = {
         let (stop, broker) = (stop.clone(), broker.clone());
         async move {
@@ -82,6 +91,7 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(service)
+        .add_service(admin)
         .serve_with_incoming_shutdown(incoming, closing);
     let grace = async {
         stop.cancelled().await;
@@ -122,7 +132,7 @@ async fn migrate_until_done(store: &Store, stop: &CancellationToken) -> bool {
 async fn report_health(reporter: HealthReporter, mut healthy: watch::Receiver<bool>, stop: CancellationToken) {
     loop {
         let status = if *healthy.borrow_and_update() { ServingStatus::Serving } else { ServingStatus::NotServing };
-        for service in ["", BROKER_SERVICE] {
+        for service in SERVICES {
             reporter.set_service_status(service, status).await;
         }
         tokio::select! {
@@ -130,7 +140,7 @@ async fn report_health(reporter: HealthReporter, mut healthy: watch::Receiver<bo
             () = stop.cancelled() => break,
         }
     }
-    for service in ["", BROKER_SERVICE] {
+    for service in SERVICES {
         reporter.set_service_status(service, ServingStatus::NotServing).await;
     }
 }

@@ -1,6 +1,6 @@
 //! W3C trace context: the `traceparent` and `tracestate` headers of an Enqueue request are stored with every job
-//! of that request and handed back by GetJob and with the worker's assignment (also after the job finished);
-//! a malformed `traceparent` is ignored, and its `tracestate` with it.
+//! of that request and handed back by GetJob and with the worker's assignment (also after the job finished, and
+//! after an admin retry); a malformed `traceparent` is ignored, and its `tracestate` with it.
 
 mod common;
 
@@ -9,9 +9,9 @@ use std::time::Duration;
 use broker::config::Settings;
 use common::{
     TestBroker, test_database,
-    worker::{TestWorker, get_job},
+    worker::{TestWorker, failure, get_job},
 };
-use jobbroker::v1::{self as pb, broker_service_client::BrokerServiceClient};
+use jobbroker::v1::{self as pb, admin_service_client::AdminServiceClient, broker_service_client::BrokerServiceClient};
 use tonic::transport::Channel;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -45,16 +45,22 @@ async fn the_enqueue_trace_context_reaches_get_job_and_the_worker() {
         assert_eq!((job.traceparent.as_str(), job.tracestate.as_str()), (TRACEPARENT, TRACESTATE));
     }
 
+    // Both are run and fail for good; an operator retries one, which keeps its trace context.
     let mut worker = TestWorker::connect(broker.client().await, "w", &["traced"], 2).await;
     for _ in &ids {
         let assignment = worker.assignment(WAIT).await;
         let job = assignment.job.expect("a job");
         assert_eq!((job.traceparent.as_str(), job.tracestate.as_str()), (TRACEPARENT, TRACESTATE));
-        worker.succeed(&assignment.lease_id, b"done").await.expect("complete");
+        let state = worker.complete(&assignment.lease_id, failure("broken", true, None)).await.expect("complete");
+        assert_eq!(state, pb::JobState::Failed);
     }
     let finished = get_job(&mut client, &ids[0]).await;
-    assert_eq!(finished.state(), pb::JobState::Succeeded);
     assert_eq!(finished.traceparent, TRACEPARENT, "a finished job keeps its trace context");
+    let mut admin = AdminServiceClient::new(broker.channel().await);
+    admin.retry_job(pb::RetryJobRequest { id: ids[0].clone() }).await.expect("admin retry");
+    let retried = worker.assignment(WAIT).await.job.expect("a job");
+    assert_eq!(retried.id, ids[0]);
+    assert_eq!((retried.traceparent.as_str(), retried.tracestate.as_str()), (TRACEPARENT, TRACESTATE));
     broker.stop().await;
 }
 

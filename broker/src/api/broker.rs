@@ -93,7 +93,7 @@ async fn follow_stream(
             Ok(Some(pb::LeaseRequest { request: Some(R::Capacity(capacity)) })) => {
                 match convert::capacity(&capacity, &limits) {
                     Ok(capacity) => {
-                        broker.set_capacity(&session, capacity);
+                        broker.set_capacity(&session, capacity).await;
                         None
                     }
                     Err(error) => Some(error),

@@ -13,7 +13,7 @@ use crate::{
     config::{Limits, MAX_JOB_DURATION},
     domain::dispatch::Registration,
     error::{Error, Result, Violation},
-    model::{Beat, Job, JobState, Outcome, Progress, SpecRequest, TraceContext},
+    model::{Beat, Job, JobState, Outcome, Progress, QueueStats, SpecRequest, TraceContext, WorkerInfo},
 };
 
 /// Longest name of a queue or kind, and of a worker id.
@@ -229,6 +229,10 @@ pub fn register(register: pb::Register, limits: &Limits) -> Result<Registration>
     if register.labels.len() > limits.max_metadata_entries {
         check.fail("register.labels", format!("must have at most {} entries", limits.max_metadata_entries));
     }
+    for (key, value) in &register.labels {
+        check.max_len(format!("register.labels[{}]", clip(key)), key.len(), MAX_METADATA_KEY);
+        check.max_len(format!("register.labels[{}]", clip(key)), value.len(), MAX_METADATA_VALUE);
+    }
     if register.held_lease_ids.len() > limits.max_stream_capacity as usize {
         check.fail("register.held_lease_ids", format!("must name at most {} leases", limits.max_stream_capacity));
     }
@@ -248,6 +252,7 @@ pub fn register(register: pb::Register, limits: &Limits) -> Result<Registration>
         worker_id: register.worker_id,
         queues: register.queues,
         capacity: register.capacity,
+        labels: register.labels.into_iter().collect(),
         held_leases,
     })
 }
@@ -368,6 +373,63 @@ pub fn job(job: Job) -> pb::Job {
         cancel_requested: job.cancel_requested,
         traceparent: job.trace.as_ref().map(|t| t.traceparent.clone()).unwrap_or_default(),
         tracestate: job.trace.and_then(|t| t.tracestate).unwrap_or_default(),
+    }
+}
+
+/// A queue name in an admin request.
+pub fn queue(field: &str, value: &str) -> Result<()> {
+    let mut check = Check::default();
+    check.name(field, value);
+    check.done(())
+}
+
+/// An optional state filter: unspecified is `None`; otherwise one of `allowed`.
+pub fn state_filter(field: &str, value: i32, allowed: &[JobState]) -> Result<Option<JobState>> {
+    let state = match pb::JobState::try_from(value) {
+        Ok(pb::JobState::Unspecified) => return Ok(None),
+        Ok(pb::JobState::Queued) => JobState::Queued,
+        Ok(pb::JobState::Leased) => JobState::Leased,
+        Ok(pb::JobState::Succeeded) => JobState::Succeeded,
+        Ok(pb::JobState::Failed) => JobState::Failed,
+        Ok(pb::JobState::Cancelled) => JobState::Cancelled,
+        Err(_) => return Err(Error::invalid(field, format!("unknown job state {value}"))),
+    };
+    if !allowed.contains(&state) {
+        let names: Vec<&str> = allowed.iter().map(|s| state_name(*s)).collect();
+        return Err(Error::invalid(field, format!("must be unspecified or one of {}", names.join(", "))));
+    }
+    Ok(Some(state))
+}
+
+fn state_name(state: JobState) -> &'static str {
+    self::state(state).as_str_name()
+}
+
+pub fn queue_stats(stats: QueueStats) -> pb::QueueStats {
+    pb::QueueStats {
+        queue: stats.queue,
+        queued: stats.queued,
+        scheduled: stats.scheduled,
+        leased: stats.leased,
+        succeeded: stats.succeeded,
+        failed: stats.failed,
+        cancelled: stats.cancelled,
+        oldest_queued_age: Some(duration(stats.oldest_queued_age)),
+        paused: stats.paused,
+        max_depth: stats.max_depth.unwrap_or(0),
+    }
+}
+
+pub fn worker(worker: WorkerInfo) -> pb::WorkerInfo {
+    pb::WorkerInfo {
+        worker_id: worker.worker_id,
+        session_id: worker.session_id.to_string(),
+        queues: worker.queues,
+        capacity: worker.capacity,
+        leases_held: worker.leases_held,
+        connected_at: Some(time(worker.connected_at)),
+        replica: worker.replica,
+        labels: worker.labels.into_iter().collect(),
     }
 }
 

@@ -1,5 +1,6 @@
-//! Background work of every replica: reaper, retention, cross-replica notifications, lease reconciliation and
-//! the database health probe. Each runs as a named task under the broker's tracker until the shutdown token fires.
+//! Background work of every replica: reaper, retention, cross-replica notifications, lease reconciliation, the
+//! database health probe, the sessions table and the queue bounds cache. Each runs as a named task under the
+//! broker's tracker until the shutdown token fires.
 //!
 //! All of it is safe to run on every replica at once: each write is fenced or idempotent.
 
@@ -8,7 +9,11 @@ use std::{sync::Arc, time::Duration};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::{dispatch::Dispatcher, lease::Leases};
+use super::{
+    admin::{QueueBounds, SESSION_REFRESH, SESSION_STALE},
+    dispatch::Dispatcher,
+    lease::Leases,
+};
 use crate::{
     config::Settings,
     store::{CANCEL_CHANNEL, ENQUEUED_CHANNEL, Store},
@@ -142,6 +147,27 @@ pub async fn health(store: Store, period: Duration, healthy: watch::Sender<bool>
             }
             std::mem::replace(was, ok) != ok
         });
+        if !pause(period, None, &shutdown).await {
+            return;
+        }
+    }
+}
+
+/// Marks this replica's Lease streams alive for operators and removes those of replicas that died.
+pub async fn sessions(store: Store, replica: String, shutdown: CancellationToken) {
+    while pause(SESSION_REFRESH, None, &shutdown).await {
+        if let Err(error) = store.refresh_sessions(&replica, SESSION_STALE).await {
+            tracing::debug!(%error, "could not refresh the sessions table");
+        }
+    }
+}
+
+/// Keeps the queue bounds the enqueue path checks in step with the database (bounds set on other replicas).
+pub async fn bounds(store: Store, bounds: Arc<QueueBounds>, period: Duration, shutdown: CancellationToken) {
+    loop {
+        if let Err(error) = bounds.refresh(&store).await {
+            tracing::debug!(%error, "could not read the queue bounds");
+        }
         if !pause(period, None, &shutdown).await {
             return;
         }

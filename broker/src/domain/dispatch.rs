@@ -7,7 +7,7 @@
 //! more unfinished leases than it declared. This module does not decide retries or talk SQL itself.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -28,7 +28,7 @@ use crate::{
     error::{Error, Result},
     metrics::Metrics,
     model::{Job, Settle, SettleLease, Slot},
-    store::Store,
+    store::{SessionRecord, Store},
 };
 
 /// What the broker tells one worker stream.
@@ -54,6 +54,7 @@ pub struct Registration {
     pub worker_id: String,
     pub queues: Vec<String>,
     pub capacity: u32,
+    pub labels: BTreeMap<String, String>,
     pub held_leases: Vec<Uuid>,
 }
 
@@ -63,6 +64,8 @@ pub struct DispatchSettings {
     pub poll_interval: Duration,
     pub reconnect_grace: Duration,
     pub max_claim: usize,
+    /// This replica's name in the sessions table (hostname plus a per-start id).
+    pub replica: String,
 }
 
 /// One connected Lease stream.
@@ -168,6 +171,15 @@ impl Dispatcher {
         let mut queues = registration.queues;
         queues.sort();
         queues.dedup();
+        let record = SessionRecord {
+            id,
+            replica: &self.settings.replica,
+            worker_id: &registration.worker_id,
+            queues: &queues,
+            capacity: registration.capacity,
+            labels: &registration.labels,
+        };
+        self.store.insert_session(&record).await?;
         let (events, receive) = mpsc::unbounded_channel();
         let mut groups = self.groups.lock().expect("groups lock");
         let group = groups.entry(queues.into()).or_insert_with_key(|queues| self.start_group(queues.clone())).clone();
@@ -213,9 +225,12 @@ impl Dispatcher {
     }
 
     /// Changes a stream's capacity; more capacity wakes its group.
-    pub fn set_capacity(&self, session: &Session, capacity: u32) {
+    pub async fn set_capacity(&self, session: &Session, capacity: u32) {
         session.state.lock().expect("session lock").capacity = capacity;
         session.group.wake.notify_one();
+        if let Err(error) = self.store.set_session_capacity(session.id, capacity).await {
+            tracing::debug!(%error, session = %session.id, "could not record the new capacity for operators");
+        }
     }
 
     /// Ends a session. `abrupt` (the worker went away, not a shutdown) gives its leases the reconnect grace.
@@ -244,6 +259,9 @@ impl Dispatcher {
             }
         }
         self.metrics.worker_disconnected();
+        if let Err(error) = self.store.delete_session(session.id).await {
+            tracing::debug!(%error, session = %session.id, "could not remove the stream from the sessions table");
+        }
         // At shutdown the broker closed the stream itself: leases keep their full deadline.
         if !abrupt || outstanding.is_empty() || self.closing.load(Ordering::SeqCst) {
             return;

@@ -11,7 +11,11 @@ use std::{
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use super::{batch::BatchHandler, dispatch::Dispatcher};
+use super::{
+    admin::{Depths, QueueBounds},
+    batch::BatchHandler,
+    dispatch::Dispatcher,
+};
 use crate::{
     config::JobDefaults,
     error::{Error, Result},
@@ -30,6 +34,7 @@ pub struct EnqueueHandler {
     pub defaults: JobDefaults,
     pub dispatcher: Arc<Dispatcher>,
     pub metrics: Arc<Metrics>,
+    pub bounds: Arc<QueueBounds>,
 }
 
 /// The stored spec for a request: defaults filled in.
@@ -87,8 +92,14 @@ struct Plan {
 }
 
 impl EnqueueHandler {
-    /// Decides, for one RPC, which jobs are new and which repeat a key; fails it if a key repeats with a new spec.
-    fn plan(&self, specs: &[SpecRequest], taken: &mut HashMap<(String, String), (Uuid, Vec<u8>)>) -> Result<Plan> {
+    /// Decides, for one RPC, which jobs are new and which repeat a key; fails it if a key repeats with a new spec
+    /// or its new jobs would overfill a bounded queue.
+    fn plan(
+        &self,
+        specs: &[SpecRequest],
+        taken: &mut HashMap<(String, String), (Uuid, Vec<u8>)>,
+        depths: &mut Depths,
+    ) -> Result<Plan> {
         let mut plan = Plan { answers: Vec::new(), jobs: Vec::new(), keys: Vec::new() };
         let mut mine: HashMap<(String, String), (Uuid, Vec<u8>)> = HashMap::new();
         for (index, request) in specs.iter().enumerate() {
@@ -124,6 +135,11 @@ impl EnqueueHandler {
             });
             plan.answers.push(Enqueued { id, created: true });
         }
+        let mut added: HashMap<&str, u64> = HashMap::new();
+        for job in &plan.jobs {
+            *added.entry(job.spec.queue.as_str()).or_default() += 1;
+        }
+        depths.admit(&added)?;
         taken.extend(mine);
         Ok(plan)
     }
@@ -141,9 +157,11 @@ impl EnqueueHandler {
             .into_iter()
             .map(|holder| ((holder.queue, holder.key), (holder.job_id, holder.spec_hash)))
             .collect();
+        let mut depths =
+            Depths::read(&self.store, &self.bounds, batch.iter().flatten().map(|r| r.queue.as_str())).await?;
         let (mut jobs, mut keys, mut answers) = (Vec::new(), Vec::new(), Vec::new());
         for specs in batch {
-            answers.push(self.plan(specs, &mut taken).map(|plan| {
+            answers.push(self.plan(specs, &mut taken, &mut depths).map(|plan| {
                 jobs.extend(plan.jobs);
                 keys.extend(plan.keys);
                 plan.answers

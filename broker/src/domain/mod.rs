@@ -3,6 +3,7 @@
 //! [`Broker`] is the one entry point the gRPC adapters call. It owns the group-commit batchers, the dispatcher
 //! and the background tasks. It never sees a proto type and never writes SQL (that is `store`).
 
+mod admin;
 mod background;
 mod batch;
 pub mod dispatch;
@@ -19,6 +20,7 @@ use uuid::Uuid;
 
 pub use self::lease::BeatResult;
 use self::{
+    admin::QueueBounds,
     batch::Batcher,
     dispatch::{DispatchSettings, Dispatcher, Registration, Session, SessionEvent},
     enqueue::EnqueueHandler,
@@ -48,6 +50,8 @@ pub struct Broker {
     dispatcher: Arc<Dispatcher>,
     watchers: Arc<Watchers>,
     metrics: Arc<Metrics>,
+    /// Max depths of bounded queues, for the enqueue path.
+    bounds: Arc<QueueBounds>,
     healthy: signal::Receiver<bool>,
     tracker: TaskTracker,
     /// Fired by [`Broker::close_streams`]: long-lived streams (watches) end so shutdown can drain.
@@ -59,6 +63,9 @@ impl Broker {
     pub fn start(store: Store, settings: Settings, tracker: TaskTracker, shutdown: CancellationToken) -> Arc<Broker> {
         let watchers = Arc::new(Watchers::default());
         let metrics = Arc::new(Metrics::new());
+        let bounds = Arc::new(QueueBounds::default());
+        // Hostname plus a per-start id, as workers name themselves: a restarted pod keeps its hostname.
+        let replica = jobbroker::worker::default_worker_id();
         let reaper_wake = Arc::new(Notify::new());
         let dispatcher = Arc::new(Dispatcher::new(
             store.clone(),
@@ -66,6 +73,7 @@ impl Broker {
                 poll_interval: settings.poll_interval,
                 reconnect_grace: settings.reconnect_grace,
                 max_claim: settings.write_batch,
+                replica: replica.clone(),
             },
             watchers.clone(),
             metrics.clone(),
@@ -84,6 +92,7 @@ impl Broker {
             defaults: settings.defaults.clone(),
             dispatcher: dispatcher.clone(),
             metrics: metrics.clone(),
+            bounds: bounds.clone(),
         };
         let (writers, batch) = (settings.writers, settings.write_batch);
         let enqueue = Batcher::start("enqueue", Arc::new(enqueue_handler), writers, batch, &tracker, shutdown.clone());
@@ -114,6 +123,8 @@ impl Broker {
             shutdown.clone(),
         ));
         tracker.spawn(background::health(store.clone(), HEALTH_PERIOD, healthy_tx, shutdown.clone()));
+        tracker.spawn(background::sessions(store.clone(), replica, shutdown.clone()));
+        tracker.spawn(background::bounds(store.clone(), bounds.clone(), settings.poll_interval, shutdown.clone()));
         Arc::new(Broker {
             store,
             settings,
@@ -123,6 +134,7 @@ impl Broker {
             dispatcher,
             watchers,
             metrics,
+            bounds,
             healthy,
             tracker,
             closing: shutdown.child_token(),
@@ -152,8 +164,8 @@ impl Broker {
         self.dispatcher.open(registration).await
     }
 
-    pub fn set_capacity(&self, session: &Session, capacity: u32) {
-        self.dispatcher.set_capacity(session, capacity);
+    pub async fn set_capacity(&self, session: &Session, capacity: u32) {
+        self.dispatcher.set_capacity(session, capacity).await;
     }
 
     /// The stream ended; `abrupt` when the worker went away rather than the broker closing it.

@@ -99,15 +99,19 @@ impl Store {
         Ok(Inserted::Committed)
     }
 
-    /// Hot: leases due jobs of `queues` to the given free slots in one statement, best job to the first slot.
+    /// Hot: leases due jobs of `queues` (paused ones skipped) to the given free slots in one statement, best job to
+    /// the first slot.
     /// Returns each claimed job with the index of the slot it went to.
     pub async fn claim(&self, queues: &[String], slots: &[Slot]) -> Result<Vec<(usize, Job)>> {
         let rows = sqlx::query(concat!(
             "WITH slots AS ( \
                SELECT slot_session, slot_worker, slot \
                FROM unnest($2::uuid[], $3::text[]) WITH ORDINALITY AS s(slot_session, slot_worker, slot)), \
+             open_queues AS ( \
+               SELECT name FROM unnest($1::text[]) AS q(name) \
+               WHERE NOT EXISTS (SELECT 1 FROM queues p WHERE p.name = q.name AND p.paused)), \
              candidates AS ( \
-               SELECT c.* FROM unnest($1::text[]) AS q(name) CROSS JOIN LATERAL ( \
+               SELECT c.* FROM open_queues q CROSS JOIN LATERAL ( \
                  SELECT id AS pick, priority AS pick_priority, run_at AS pick_run_at FROM jobs \
                  WHERE queue = q.name AND state = 'queued' AND run_at <= clock_timestamp() \
                  ORDER BY priority DESC, run_at, id LIMIT $4 FOR UPDATE SKIP LOCKED) c), \
@@ -142,7 +146,8 @@ impl Store {
         let ms: Option<f64> = sqlx::query_scalar(
             // `extract` answers numeric since Postgres 14; float8 is what decodes into f64.
             "SELECT (extract(epoch FROM min(run_at) - clock_timestamp()) * 1000)::float8 FROM jobs \
-             WHERE queue = ANY($1) AND state = 'queued'",
+             WHERE queue = ANY($1) AND state = 'queued' \
+               AND NOT EXISTS (SELECT 1 FROM queues p WHERE p.name = jobs.queue AND p.paused)",
         )
         .bind(queues)
         .fetch_one(&self.pool)

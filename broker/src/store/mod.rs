@@ -4,8 +4,10 @@
 //! whether the lease held. Hot statements (claim, heartbeat, settle, insert) take whole batches as arrays.
 //! The store decides nothing: retry policy, dispatch and idempotency resolution live in `domain`.
 
+mod admin;
 mod jobs;
 
+pub use admin::SessionRecord;
 pub use jobs::{Inserted, KeyHolder, NewKey};
 pub use stats::{PoolUse, QueueDepth};
 mod rows;

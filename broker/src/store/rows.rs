@@ -9,12 +9,22 @@ use sqlx::{Row, postgres::PgRow, types::Json};
 
 use crate::model::{Job, JobSpec, JobState, LeaseFacts, Progress, RetryPolicy, TraceContext};
 
+/// Columns fixed at enqueue: what a job is, as opposed to how its attempts went.
+macro_rules! spec_columns {
+    () => {
+        "id, queue, kind, payload, priority, run_at, max_attempts, lease_ttl_ms, execution_timeout_ms, \
+         idempotency_key, initial_backoff_ms, max_backoff_ms, backoff_multiplier, metadata, created_at, \
+         traceparent, tracestate"
+    };
+}
+
 /// Columns a job keeps when it moves from `jobs` to `finished_jobs`.
 macro_rules! carried_columns {
     () => {
-        "id, queue, kind, payload, priority, run_at, max_attempts, lease_ttl_ms, execution_timeout_ms, \
-         idempotency_key, initial_backoff_ms, max_backoff_ms, backoff_multiplier, metadata, created_at, attempt, \
-         worker_id, lease_id, progress_percent, progress_message, traceparent, tracestate"
+        concat!(
+            $crate::store::rows::spec_columns!(),
+            ", attempt, worker_id, lease_id, progress_percent, progress_message"
+        )
     };
 }
 
@@ -22,7 +32,7 @@ macro_rules! carried_columns {
 macro_rules! live_job {
     () => {
         concat!(
-            carried_columns!(),
+            $crate::store::rows::carried_columns!(),
             ", last_error, state, lease_expires_at, cancel_requested, NULL::timestamptz AS finished_at, \
              NULL::bytea AS result, leased_at"
         )
@@ -33,10 +43,23 @@ macro_rules! live_job {
 macro_rules! finished_job {
     () => {
         concat!(
-            carried_columns!(),
+            $crate::store::rows::carried_columns!(),
             ", last_error, state, NULL::timestamptz AS lease_expires_at, false AS cancel_requested, finished_at, result, \
              NULL::timestamptz AS leased_at"
         )
+    };
+}
+
+/// Live jobs per queue: `queued` (due), `scheduled`, `leased`, and `oldest`, the earliest due `run_at` of a QUEUED
+/// job. The statement adds any `WHERE` and the `GROUP BY queue`.
+macro_rules! live_depths {
+    () => {
+        "SELECT queue, \
+           count(*) FILTER (WHERE state = 'queued' AND run_at <= clock_timestamp()) AS queued, \
+           count(*) FILTER (WHERE state = 'queued' AND run_at > clock_timestamp()) AS scheduled, \
+           count(*) FILTER (WHERE state = 'leased') AS leased, \
+           min(run_at) FILTER (WHERE state = 'queued' AND run_at <= clock_timestamp()) AS oldest \
+         FROM jobs"
     };
 }
 
@@ -48,7 +71,7 @@ macro_rules! lease_facts {
     };
 }
 
-pub(super) use {carried_columns, finished_job, lease_facts, live_job};
+pub(super) use {carried_columns, finished_job, lease_facts, live_depths, live_job, spec_columns};
 
 fn duration(ms: i64) -> Duration {
     Duration::from_millis(u64::try_from(ms).unwrap_or(0))

@@ -3,7 +3,7 @@
 //! Read when metrics are scraped, never on a hot path. Finished jobs are not counted (that history is what the
 //! completion counters are for), so the statement's cost follows the backlog, not the retention.
 
-use super::Store;
+use super::{Store, rows::live_depths};
 use crate::error::Result;
 
 /// Live jobs of one queue, by the database clock.
@@ -30,15 +30,14 @@ pub struct PoolUse {
 impl Store {
     /// Every queue with live jobs, in one pass over `jobs`.
     pub async fn queue_depths(&self) -> Result<Vec<QueueDepth>> {
-        let depths = sqlx::query_as(
-            "SELECT queue, \
-               count(*) FILTER (WHERE state = 'queued' AND run_at <= c.now) AS queued, \
-               count(*) FILTER (WHERE state = 'queued' AND run_at > c.now) AS scheduled, \
-               count(*) FILTER (WHERE state = 'leased') AS leased, \
-               COALESCE(extract(epoch FROM max(c.now - run_at) FILTER (WHERE state = 'queued' AND run_at <= c.now)), \
-                 0)::float8 AS oldest_queued_age \
-             FROM jobs CROSS JOIN (SELECT clock_timestamp() AS now) c GROUP BY queue ORDER BY queue",
-        )
+        let depths = sqlx::query_as(concat!(
+            "WITH live AS (",
+            live_depths!(),
+            " GROUP BY queue) \
+             SELECT queue, queued, scheduled, leased, \
+               COALESCE(extract(epoch FROM clock_timestamp() - oldest), 0)::float8 AS oldest_queued_age \
+             FROM live ORDER BY queue"
+        ))
         .fetch_all(&self.pool)
         .await?;
         Ok(depths)

@@ -1,0 +1,160 @@
+//! `jobbroker.v1.AdminService`: thin adapters from gRPC to the operator side of [`Broker`].
+//!
+//! Each method validates its request (queue names, state filters, paging), calls one domain method and converts
+//! the answer. Who may call these is decided before a request gets here (the admin role).
+
+use std::sync::Arc;
+
+use jobbroker::v1::{self as pb, admin_service_server::AdminService};
+use tonic::{Request, Response, Status};
+
+use super::convert;
+use crate::{domain::Broker, error::Error, model::JobState};
+
+/// Page size when a ListJobs request leaves it unset, and the largest allowed.
+const DEFAULT_PAGE_SIZE: u32 = 50;
+const MAX_PAGE_SIZE: u32 = 1000;
+const ALL_STATES: &[JobState] =
+    &[JobState::Queued, JobState::Leased, JobState::Succeeded, JobState::Failed, JobState::Cancelled];
+const DEAD_STATES: &[JobState] = &[JobState::Failed, JobState::Cancelled];
+const TERMINAL_STATES: &[JobState] = &[JobState::Succeeded, JobState::Failed, JobState::Cancelled];
+
+pub struct AdminApi {
+    broker: Arc<Broker>,
+}
+
+impl AdminApi {
+    pub fn new(broker: Arc<Broker>) -> AdminApi {
+        AdminApi { broker }
+    }
+}
+
+#[tonic::async_trait]
+impl AdminService for AdminApi {
+    #[tracing::instrument(skip_all)]
+    async fn list_queues(
+        &self,
+        _request: Request<pb::ListQueuesRequest>,
+    ) -> Result<Response<pb::ListQueuesResponse>, Status> {
+        let queues = self.broker.queues().await?;
+        Ok(Response::new(pb::ListQueuesResponse { queues: queues.into_iter().map(convert::queue_stats).collect() }))
+    }
+
+    #[tracing::instrument(skip_all, fields(queue = %request.get_ref().queue))]
+    async fn get_queue_stats(
+        &self,
+        request: Request<pb::GetQueueStatsRequest>,
+    ) -> Result<Response<pb::GetQueueStatsResponse>, Status> {
+        let queue = &request.get_ref().queue;
+        convert::queue("queue", queue)?;
+        let stats = self.broker.queue_stats(queue).await?;
+        Ok(Response::new(pb::GetQueueStatsResponse { stats: Some(convert::queue_stats(stats)) }))
+    }
+
+    #[tracing::instrument(skip_all, fields(queue = %request.get_ref().queue))]
+    async fn list_jobs(&self, request: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let request = request.into_inner();
+        convert::queue("queue", &request.queue)?;
+        let state = convert::state_filter("state", request.state, ALL_STATES)?;
+        let page_size = match request.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            size if size <= MAX_PAGE_SIZE => size,
+            _ => return Err(Error::invalid("page_size", format!("must be at most {MAX_PAGE_SIZE}")).into()),
+        };
+        let after = match request.page_token.as_str() {
+            "" => None,
+            token => Some(convert::uuid("page_token", token)?),
+        };
+        let page = self.broker.list_jobs(&request.queue, state, after, page_size).await?;
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs: page.jobs.into_iter().map(convert::job).collect(),
+            next_page_token: page.next.map(|id| id.to_string()).unwrap_or_default(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(job_id = %request.get_ref().id))]
+    async fn retry_job(&self, request: Request<pb::RetryJobRequest>) -> Result<Response<pb::RetryJobResponse>, Status> {
+        let id = convert::uuid("id", &request.get_ref().id)?;
+        let job = self.broker.retry_job(id).await?;
+        Ok(Response::new(pb::RetryJobResponse { job: Some(convert::job(job)) }))
+    }
+
+    #[tracing::instrument(skip_all, fields(queue = %request.get_ref().queue))]
+    async fn retry_jobs(
+        &self,
+        request: Request<pb::RetryJobsRequest>,
+    ) -> Result<Response<pb::RetryJobsResponse>, Status> {
+        let request = request.into_inner();
+        convert::queue("queue", &request.queue)?;
+        let state = convert::state_filter("state", request.state, DEAD_STATES)?.unwrap_or(JobState::Failed);
+        let retried = self.broker.retry_jobs(&request.queue, state).await?;
+        tracing::info!(retried, "dead jobs re-queued");
+        Ok(Response::new(pb::RetryJobsResponse { retried }))
+    }
+
+    #[tracing::instrument(skip_all, fields(queue = %request.get_ref().queue))]
+    async fn purge_queue(
+        &self,
+        request: Request<pb::PurgeQueueRequest>,
+    ) -> Result<Response<pb::PurgeQueueResponse>, Status> {
+        let request = request.into_inner();
+        convert::queue("queue", &request.queue)?;
+        let state = convert::state_filter("state", request.state, TERMINAL_STATES)?;
+        let purged = self.broker.purge(&request.queue, state).await?;
+        tracing::info!(purged, "terminal jobs purged");
+        Ok(Response::new(pb::PurgeQueueResponse { purged }))
+    }
+
+    #[tracing::instrument(skip_all, fields(queue = %request.get_ref().queue))]
+    async fn pause_queue(
+        &self,
+        request: Request<pb::PauseQueueRequest>,
+    ) -> Result<Response<pb::PauseQueueResponse>, Status> {
+        let queue = &request.get_ref().queue;
+        convert::queue("queue", queue)?;
+        let stats = self.broker.set_paused(queue, true).await?;
+        tracing::info!("queue paused");
+        Ok(Response::new(pb::PauseQueueResponse { stats: Some(convert::queue_stats(stats)) }))
+    }
+
+    #[tracing::instrument(skip_all, fields(queue = %request.get_ref().queue))]
+    async fn resume_queue(
+        &self,
+        request: Request<pb::ResumeQueueRequest>,
+    ) -> Result<Response<pb::ResumeQueueResponse>, Status> {
+        let queue = &request.get_ref().queue;
+        convert::queue("queue", queue)?;
+        let stats = self.broker.set_paused(queue, false).await?;
+        tracing::info!("queue resumed");
+        Ok(Response::new(pb::ResumeQueueResponse { stats: Some(convert::queue_stats(stats)) }))
+    }
+
+    #[tracing::instrument(skip_all, fields(queue = %request.get_ref().queue, max_depth = request.get_ref().max_depth))]
+    async fn set_queue_max_depth(
+        &self,
+        request: Request<pb::SetQueueMaxDepthRequest>,
+    ) -> Result<Response<pb::SetQueueMaxDepthResponse>, Status> {
+        let request = request.into_inner();
+        convert::queue("queue", &request.queue)?;
+        if request.max_depth > i64::MAX as u64 {
+            return Err(Error::invalid("max_depth", "must fit in a signed 64-bit integer").into());
+        }
+        let max_depth = (request.max_depth != 0).then_some(request.max_depth);
+        let stats = self.broker.set_max_depth(&request.queue, max_depth).await?;
+        tracing::info!("queue bound changed");
+        Ok(Response::new(pb::SetQueueMaxDepthResponse { stats: Some(convert::queue_stats(stats)) }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_workers(
+        &self,
+        request: Request<pb::ListWorkersRequest>,
+    ) -> Result<Response<pb::ListWorkersResponse>, Status> {
+        let queue = request.get_ref().queue.as_str();
+        if !queue.is_empty() {
+            convert::queue("queue", queue)?;
+        }
+        let workers = self.broker.workers((!queue.is_empty()).then_some(queue)).await?;
+        Ok(Response::new(pb::ListWorkersResponse { workers: workers.into_iter().map(convert::worker).collect() }))
+    }
+}

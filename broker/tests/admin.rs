@@ -1,0 +1,320 @@
+//! AdminService against a real broker (SPEC: Admin, Retry (admin) row): queue stats, paging, admin retry one and
+//! in bulk, purge, pause and resume (across replicas), bounded queues, and the connected workers list.
+
+mod common;
+
+use std::time::Duration;
+
+use broker::config::Settings;
+use common::{TestBroker, test_database, wait_for, worker::*};
+use jobbroker::v1::{self as pb, admin_service_client::AdminServiceClient};
+use tonic::{Code, transport::Channel};
+use tonic_types::StatusExt;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+async fn admin(broker: &TestBroker) -> AdminServiceClient<Channel> {
+    AdminServiceClient::new(broker.channel().await)
+}
+
+async fn stats(admin: &mut AdminServiceClient<Channel>, queue: &str) -> pb::QueueStats {
+    let request = pb::GetQueueStatsRequest { queue: queue.into() };
+    admin.get_queue_stats(request).await.expect("queue stats").into_inner().stats.expect("stats")
+}
+
+fn field_of(status: &tonic::Status) -> String {
+    let bad = status.get_details_bad_request().expect("BadRequest details");
+    bad.field_violations[0].field.clone()
+}
+
+/// Leases and fails `n` jobs of `queue` for good, through a worker of its own.
+async fn fail_jobs(broker: &TestBroker, queue: &str, n: usize) -> Vec<String> {
+    let mut client = broker.client().await;
+    let ids = enqueue(&mut client, (0..n).map(|i| pb::JobSpec::new(queue, "k", vec![i as u8])).collect()).await;
+    let mut worker = TestWorker::connect(client, "failer", &[queue], n as u32).await;
+    for _ in 0..n {
+        let lease = worker.assignment(WAIT).await.lease_id;
+        let state = worker.complete(&lease, failure("broken", true, None)).await.expect("complete");
+        assert_eq!(state, pb::JobState::Failed);
+    }
+    ids
+}
+
+#[tokio::test]
+async fn queue_stats_count_every_state_and_list_queues_names_them() {
+    let broker = TestBroker::start(Settings::with_database(test_database().await)).await;
+    let (mut client, mut admin) = (broker.client().await, admin(&broker).await);
+    let mut later = pb::JobSpec::new("stats", "k", b"later".to_vec());
+    later.run_at = Some(prost_types::Timestamp { seconds: chrono::Utc::now().timestamp() + 3600, nanos: 0 });
+    let specs = vec![
+        pb::JobSpec::new("stats", "k", b"a".to_vec()),
+        pb::JobSpec::new("stats", "k", b"b".to_vec()),
+        pb::JobSpec::new("stats", "k", b"c".to_vec()),
+        pb::JobSpec::new("stats", "k", b"d".to_vec()),
+        later,
+    ];
+    let ids = enqueue(&mut client, specs).await;
+    let mut worker = TestWorker::connect(client.clone(), "w", &["stats"], 3).await;
+    let leases: Vec<String> =
+        [worker.assignment(WAIT).await, worker.assignment(WAIT).await, worker.assignment(WAIT).await]
+            .into_iter()
+            .map(|a| a.lease_id)
+            .collect();
+    worker.set_capacity(0).await;
+    worker.succeed(&leases[0], b"ok").await.expect("succeed");
+    worker.complete(&leases[1], failure("no", true, None)).await.expect("fail");
+    // The fourth job stays QUEUED: cancel it through the broker API; the third stays LEASED.
+    let queued = wait_for("one job still queued", WAIT, || {
+        let mut client = client.clone();
+        let ids = ids.clone();
+        async move {
+            for id in &ids[..4] {
+                if get_job(&mut client, id).await.state() == pb::JobState::Queued {
+                    return Some(id.clone());
+                }
+            }
+            None
+        }
+    })
+    .await;
+    client.cancel_job(pb::CancelJobRequest { id: queued }).await.expect("cancel");
+
+    let counted = stats(&mut admin, "stats").await;
+    assert_eq!(
+        (counted.queued, counted.scheduled, counted.leased, counted.succeeded, counted.failed, counted.cancelled),
+        (0, 1, 1, 1, 1, 1),
+        "{counted:?}"
+    );
+    assert!(!counted.paused);
+    assert_eq!(counted.max_depth, 0);
+
+    enqueue(&mut client, vec![pb::JobSpec::new("stats", "k", b"e".to_vec())]).await;
+    let waiting = wait_for("the new job to wait a little", WAIT, || {
+        let mut admin = admin.clone();
+        async move {
+            let s = stats(&mut admin, "stats").await;
+            (s.oldest_queued_age.as_ref().is_some_and(|age| age.nanos > 0 || age.seconds > 0)).then_some(s)
+        }
+    })
+    .await;
+    assert_eq!(waiting.queued, 1);
+
+    enqueue(&mut client, vec![pb::JobSpec::new("another", "k", b"x".to_vec())]).await;
+    let listed = admin.list_queues(pb::ListQueuesRequest {}).await.expect("list queues").into_inner().queues;
+    let names: Vec<&str> = listed.iter().map(|q| q.queue.as_str()).collect();
+    assert_eq!(names, ["another", "stats"], "sorted by name");
+    assert_eq!(listed[0].queued, 1);
+
+    let unknown = stats(&mut admin, "never-used").await;
+    assert_eq!((unknown.queue.as_str(), unknown.queued, unknown.failed), ("never-used", 0, 0));
+    let bad = admin.get_queue_stats(pb::GetQueueStatsRequest { queue: "no spaces".into() }).await.unwrap_err();
+    assert_eq!((bad.code(), field_of(&bad).as_str()), (Code::InvalidArgument, "queue"));
+}
+
+#[tokio::test]
+async fn list_jobs_pages_newest_first_and_filters_by_state() {
+    let broker = TestBroker::start(Settings::with_database(test_database().await)).await;
+    let (mut client, mut admin) = (broker.client().await, admin(&broker).await);
+    let mut ids = Vec::new();
+    for i in 0..7u8 {
+        ids.extend(enqueue(&mut client, vec![pb::JobSpec::new("paged", "k", vec![i])]).await);
+    }
+    let failed = fail_jobs(&broker, "paged-failed", 2).await;
+
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let request =
+            pb::ListJobsRequest { queue: "paged".into(), page_size: 3, page_token: token, ..Default::default() };
+        let page = admin.list_jobs(request).await.expect("list jobs").into_inner();
+        assert!(page.jobs.len() <= 3);
+        seen.extend(page.jobs.into_iter().map(|j| j.id));
+        pages += 1;
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    ids.reverse();
+    assert_eq!(seen, ids, "every job once, newest first");
+    assert_eq!(pages, 3);
+
+    let only_failed =
+        pb::ListJobsRequest { queue: "paged-failed".into(), state: pb::JobState::Failed.into(), ..Default::default() };
+    let page = admin.list_jobs(only_failed).await.expect("list failed").into_inner();
+    let mut listed: Vec<String> = page.jobs.iter().map(|j| j.id.clone()).collect();
+    listed.sort();
+    let mut expected = failed.clone();
+    expected.sort();
+    assert_eq!(listed, expected);
+    assert!(page.jobs.iter().all(|j| j.state() == pb::JobState::Failed && j.last_error == "broken"));
+    let none_queued =
+        pb::ListJobsRequest { queue: "paged-failed".into(), state: pb::JobState::Queued.into(), ..Default::default() };
+    assert!(admin.list_jobs(none_queued).await.expect("list queued").into_inner().jobs.is_empty());
+
+    let bad_token = pb::ListJobsRequest { queue: "paged".into(), page_token: "nope".into(), ..Default::default() };
+    let status = admin.list_jobs(bad_token).await.unwrap_err();
+    assert_eq!((status.code(), field_of(&status).as_str()), (Code::InvalidArgument, "page_token"));
+    let too_big = pb::ListJobsRequest { queue: "paged".into(), page_size: 5000, ..Default::default() };
+    let status = admin.list_jobs(too_big).await.unwrap_err();
+    assert_eq!(field_of(&status), "page_size");
+}
+
+#[tokio::test]
+async fn retry_puts_dead_jobs_back_with_attempts_starting_over() {
+    let broker = TestBroker::start(Settings::with_database(test_database().await)).await;
+    let (mut client, mut admin) = (broker.client().await, admin(&broker).await);
+    let dead = fail_jobs(&broker, "dead", 3).await;
+
+    let retried = admin.retry_job(pb::RetryJobRequest { id: dead[0].clone() }).await.expect("retry").into_inner();
+    let job = retried.job.expect("the job");
+    assert_eq!((job.state(), job.attempt), (pb::JobState::Queued, 0));
+    assert_eq!(job.last_error, "broken", "the last error stays visible");
+    let again = admin.retry_job(pb::RetryJobRequest { id: dead[0].clone() }).await.unwrap_err();
+    assert_eq!(again.code(), Code::FailedPrecondition, "{again:?}");
+    let unknown = admin.retry_job(pb::RetryJobRequest { id: uuid::Uuid::now_v7().to_string() }).await.unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+
+    let bulk = pb::RetryJobsRequest { queue: "dead".into(), ..Default::default() };
+    assert_eq!(admin.retry_jobs(bulk.clone()).await.expect("retry all").into_inner().retried, 2);
+    assert_eq!(admin.retry_jobs(bulk).await.expect("retry all again").into_inner().retried, 0);
+    let wrong_state = pb::RetryJobsRequest { queue: "dead".into(), state: pb::JobState::Succeeded.into() };
+    assert_eq!(field_of(&admin.retry_jobs(wrong_state).await.unwrap_err()), "state");
+
+    // The re-queued jobs are handed out again and can now succeed.
+    let mut worker = TestWorker::connect(client.clone(), "second-chance", &["dead"], 3).await;
+    for _ in 0..3 {
+        let assignment = worker.assignment(WAIT).await;
+        assert_eq!(assignment.job.as_ref().expect("job").attempt, 1, "attempts started over");
+        worker.succeed(&assignment.lease_id, b"fixed").await.expect("succeed");
+    }
+    for id in &dead {
+        assert_eq!(get_job(&mut client, id).await.state(), pb::JobState::Succeeded);
+    }
+    let after = stats(&mut admin, "dead").await;
+    assert_eq!((after.succeeded, after.failed), (3, 0));
+}
+
+#[tokio::test]
+async fn purge_deletes_terminal_jobs_only() {
+    let broker = TestBroker::start(Settings::with_database(test_database().await)).await;
+    let (mut client, mut admin) = (broker.client().await, admin(&broker).await);
+    let failed = fail_jobs(&broker, "purged", 2).await;
+    let queued = enqueue(&mut client, vec![pb::JobSpec::new("purged", "k", b"stays".to_vec())]).await;
+    let cancelled = enqueue(&mut client, vec![pb::JobSpec::new("purged", "k", b"c".to_vec())]).await;
+    client.cancel_job(pb::CancelJobRequest { id: cancelled[0].clone() }).await.expect("cancel");
+
+    let only_cancelled = pb::PurgeQueueRequest { queue: "purged".into(), state: pb::JobState::Cancelled.into() };
+    assert_eq!(admin.purge_queue(only_cancelled).await.expect("purge").into_inner().purged, 1);
+    let all = pb::PurgeQueueRequest { queue: "purged".into(), ..Default::default() };
+    assert_eq!(admin.purge_queue(all).await.expect("purge").into_inner().purged, 2);
+
+    for id in failed.iter().chain(&cancelled) {
+        let status = client.get_job(pb::GetJobRequest { id: id.clone() }).await.unwrap_err();
+        assert_eq!(status.code(), Code::NotFound, "purged jobs are gone");
+    }
+    assert_eq!(get_job(&mut client, &queued[0]).await.state(), pb::JobState::Queued, "live jobs are never purged");
+    let not_terminal = pb::PurgeQueueRequest { queue: "purged".into(), state: pb::JobState::Queued.into() };
+    assert_eq!(field_of(&admin.purge_queue(not_terminal).await.unwrap_err()), "state");
+}
+
+#[tokio::test]
+async fn pause_stops_dispatch_on_every_replica_and_resume_restarts_it() {
+    let database = test_database().await;
+    let replica_a = TestBroker::start(Settings::with_database(database.clone())).await;
+    let replica_b = TestBroker::start(Settings::with_database(database)).await;
+    let (mut client_a, mut admin_a) = (replica_a.client().await, admin(&replica_a).await);
+    let mut worker = TestWorker::connect(replica_b.client().await, "on-b", &["steerable"], 4).await;
+
+    let paused = admin_a.pause_queue(pb::PauseQueueRequest { queue: "steerable".into() }).await.expect("pause");
+    assert!(paused.into_inner().stats.expect("stats").paused);
+    let id = enqueue(&mut client_a, vec![pb::JobSpec::new("steerable", "k", b"held".to_vec())]).await.remove(0);
+    // Longer than the safety-net poll (1 s): neither the NOTIFY nor the poll hands the job out.
+    worker.expect_nothing(Duration::from_millis(1500)).await;
+    let held = stats(&mut admin_a, "steerable").await;
+    assert_eq!((held.queued, held.paused), (1, true), "Enqueue still works while paused");
+
+    let started = std::time::Instant::now();
+    admin_a.resume_queue(pb::ResumeQueueRequest { queue: "steerable".into() }).await.expect("resume");
+    let assignment = worker.assignment(WAIT).await;
+    assert_eq!(assignment.job.expect("job").id, id);
+    assert!(started.elapsed() < Duration::from_millis(900), "resume wakes the other replica's worker at once");
+    assert!(!stats(&mut admin_a, "steerable").await.paused);
+}
+
+#[tokio::test]
+async fn a_bounded_queue_refuses_enqueues_past_its_depth_until_drained() {
+    let broker = TestBroker::start(Settings::with_database(test_database().await)).await;
+    let (mut client, mut admin) = (broker.client().await, admin(&broker).await);
+    let bound = pb::SetQueueMaxDepthRequest { queue: "bounded".into(), max_depth: 3 };
+    let set = admin.set_queue_max_depth(bound).await.expect("set max depth").into_inner();
+    assert_eq!(set.stats.expect("stats").max_depth, 3);
+    let spec = |p: &[u8]| pb::JobSpec::new("bounded", "k", p.to_vec());
+
+    enqueue(&mut client, vec![spec(b"1"), spec(b"2")]).await;
+    let over = client.enqueue(pb::EnqueueRequest { jobs: vec![spec(b"3"), spec(b"4")] }).await.unwrap_err();
+    assert_eq!(over.code(), Code::ResourceExhausted, "{over:?}");
+    assert!(over.message().contains("bounded"), "the message names the queue: {}", over.message());
+    assert!(over.get_details_retry_info().is_some_and(|r| r.retry_delay.is_some()), "a retry hint");
+    assert_eq!(stats(&mut admin, "bounded").await.queued, 2, "the refused batch stored nothing");
+    enqueue(&mut client, vec![spec(b"3")]).await;
+    let full = client.enqueue(pb::EnqueueRequest { jobs: vec![spec(b"4")] }).await.unwrap_err();
+    assert_eq!(full.code(), Code::ResourceExhausted);
+    // Other queues are not affected.
+    enqueue(&mut client, vec![pb::JobSpec::new("unbounded", "k", b"x".to_vec())]).await;
+
+    let mut worker = TestWorker::connect(client.clone(), "drainer", &["bounded"], 1).await;
+    let lease = worker.assignment(WAIT).await.lease_id;
+    worker.succeed(&lease, b"").await.expect("succeed");
+    enqueue(&mut client, vec![spec(b"4")]).await;
+
+    let unbound = pb::SetQueueMaxDepthRequest { queue: "bounded".into(), max_depth: 0 };
+    admin.set_queue_max_depth(unbound).await.expect("remove the bound");
+    enqueue(&mut client, (0..10u8).map(|i| spec(&[i])).collect()).await;
+}
+
+#[tokio::test]
+async fn workers_lists_connected_streams_with_their_leases() {
+    let broker = TestBroker::start(Settings::with_database(test_database().await)).await;
+    let (mut client, mut admin) = (broker.client().await, admin(&broker).await);
+    let register = pb::Register {
+        worker_id: "listed".into(),
+        queues: vec!["w1".into(), "w2".into()],
+        capacity: 2,
+        labels: [("zone".to_string(), "eu".to_string())].into(),
+        ..Default::default()
+    };
+    let mut worker = TestWorker::register(client.clone(), register).await.expect("register");
+    let _other = TestWorker::connect(client.clone(), "elsewhere", &["w3"], 1).await;
+    enqueue(&mut client, vec![pb::JobSpec::new("w1", "k", b"x".to_vec())]).await;
+    worker.assignment(WAIT).await;
+
+    let listed = pb::ListWorkersRequest { queue: "w2".into() };
+    let workers = admin.list_workers(listed.clone()).await.expect("list workers").into_inner().workers;
+    assert_eq!(workers.len(), 1, "filtered by queue: {workers:?}");
+    let info = &workers[0];
+    assert_eq!(info.worker_id, "listed");
+    assert_eq!(info.queues, ["w1", "w2"]);
+    assert_eq!((info.capacity, info.leases_held), (2, 1));
+    assert_eq!(info.labels.get("zone").map(String::as_str), Some("eu"));
+    assert!(info.connected_at.is_some() && !info.replica.is_empty());
+    let all = admin.list_workers(pb::ListWorkersRequest::default()).await.expect("all").into_inner().workers;
+    assert_eq!(all.len(), 2);
+
+    worker.set_capacity(5).await;
+    wait_for("the new capacity to show", WAIT, || {
+        let (mut admin, listed) = (admin.clone(), listed.clone());
+        async move {
+            let workers = admin.list_workers(listed).await.ok()?.into_inner().workers;
+            (workers.first()?.capacity == 5).then_some(())
+        }
+    })
+    .await;
+    drop(worker);
+    wait_for("the closed stream to leave the list", WAIT, || {
+        let (mut admin, listed) = (admin.clone(), listed.clone());
+        async move { admin.list_workers(listed).await.ok()?.into_inner().workers.is_empty().then_some(()) }
+    })
+    .await;
+}

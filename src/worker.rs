@@ -184,6 +184,17 @@ impl ActiveJob {
         &self.spec().metadata
     }
 
+    /// The W3C `traceparent` of the request that enqueued the job, if it carried one: continue that trace
+    /// (the agent hands it to commands as `TRACEPARENT` and to HTTP endpoints as the `traceparent` header).
+    pub fn traceparent(&self) -> Option<&str> {
+        Some(self.inner.job.traceparent.as_str()).filter(|t| !t.is_empty())
+    }
+
+    /// The W3C `tracestate` that came with [`Self::traceparent`], if any.
+    pub fn tracestate(&self) -> Option<&str> {
+        Some(self.inner.job.tracestate.as_str()).filter(|t| !t.is_empty())
+    }
+
     /// The job's execution timeout, if it has one.
     pub fn execution_timeout(&self) -> Option<Duration> {
         self.spec().execution_timeout.and_then(|d| Duration::try_from(d).ok())

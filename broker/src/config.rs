@@ -3,9 +3,9 @@
 //! Every flag has an environment variable. [`Settings`] is what the rest of the broker trusts: durations are
 //! positive, limits are in range. This module reads nothing from the database and starts nothing.
 
-use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
+use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, sync::Arc, time::Duration};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use jobbroker::tls;
 
 use crate::auth::{Role, Tokens};
@@ -20,6 +20,15 @@ pub struct Cli {
     pub command: Option<Command>,
     #[command(flatten)]
     pub serve: ServeArgs,
+    /// Log lines as human-readable text or as JSON objects (one per line), on stdout.
+    #[arg(long, env = "JOBBROKER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -59,6 +68,9 @@ pub struct ServeArgs {
     /// gRPC listen address.
     #[arg(long, env = "JOBBROKER_LISTEN", default_value = "0.0.0.0:50051")]
     pub listen: SocketAddr,
+    /// HTTP listen address of the Prometheus endpoint (`GET /metrics`), or `off`.
+    #[arg(long, env = "JOBBROKER_METRICS_LISTEN", default_value = "0.0.0.0:9464")]
+    pub metrics_listen: OffOr<SocketAddr>,
     /// Largest number of Postgres connections this replica opens.
     #[arg(long, env = "JOBBROKER_DB_POOL_SIZE", default_value_t = 16)]
     pub db_pool_size: u32,
@@ -214,6 +226,7 @@ where
 pub struct Settings {
     pub database_url: String,
     pub listen: SocketAddr,
+    pub metrics: MetricsListen,
     pub db_pool_size: u32,
     pub db_acquire_timeout: Duration,
     pub migrate: bool,
@@ -266,6 +279,15 @@ pub struct ServingLimits {
     pub max_connection_age: Duration,
     pub max_concurrent_requests: usize,
     pub request_timeout: Duration,
+}
+
+/// Where the Prometheus endpoint listens.
+#[derive(Debug, Clone)]
+pub enum MetricsListen {
+    Off,
+    Address(SocketAddr),
+    /// A socket bound by the caller (tests bind port 0 and read the port back before serving).
+    Bound(Arc<std::net::TcpListener>),
 }
 
 /// What a job gets for the fields its spec leaves unset.
@@ -348,6 +370,7 @@ impl ServeArgs {
         Ok(Settings {
             database_url,
             listen: self.listen,
+            metrics: self.metrics_listen.0.map_or(MetricsListen::Off, MetricsListen::Address),
             db_pool_size: self.db_pool_size,
             db_acquire_timeout: self.db_acquire_timeout,
             migrate: self.migrate,
@@ -420,9 +443,10 @@ impl ServeArgs {
 }
 
 impl Settings {
-    /// Settings with every default and the given database: what tests and embedders start from.
+    /// Settings with every default and the given database: what tests and embedders start from. The metrics
+    /// endpoint is off (several brokers in one process cannot share its port); set [`Settings::metrics`] to serve it.
     pub fn with_database(database_url: impl Into<String>) -> Settings {
-        let cli = Cli::parse_from(["broker", "--database-url", &database_url.into()]);
+        let cli = Cli::parse_from(["broker", "--database-url", &database_url.into(), "--metrics-listen", "off"]);
         cli.serve.validate().expect("the defaults are valid")
     }
 }
@@ -486,5 +510,20 @@ mod tests {
         let e = validate(&["--tls-cert", path, "--tls-key", path]).unwrap_err();
         assert_eq!(e, format!("--tls-cert {path}: no PEM certificate found"));
         std::fs::remove_dir_all(&dir).expect("cleaned up");
+    }
+
+    #[test]
+    fn metrics_listen_takes_an_address_or_off() {
+        let settings = |value: &str| {
+            let cli = Cli::try_parse_from(["broker", "--database-url", "postgres://x", "--metrics-listen", value])?;
+            Ok::<_, clap::Error>(cli.serve.validate().expect("valid"))
+        };
+        assert!(matches!(settings("off").unwrap().metrics, MetricsListen::Off));
+        let on = settings("127.0.0.1:9999").unwrap().metrics;
+        assert!(matches!(on, MetricsListen::Address(a) if a.port() == 9999), "{on:?}");
+        let error = settings("9464").unwrap_err().to_string();
+        assert!(error.contains("--metrics-listen") && error.contains("`off`"), "{error}");
+        let default = Cli::parse_from(["broker", "--database-url", "postgres://x"]).serve.validate().unwrap();
+        assert!(matches!(default.metrics, MetricsListen::Address(a) if a.port() == 9464));
     }
 }

@@ -12,6 +12,7 @@ pub mod devdb;
 pub mod domain;
 pub mod error;
 mod gate;
+pub mod metrics;
 pub mod model;
 mod server;
 pub mod store;

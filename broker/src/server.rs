@@ -22,6 +22,7 @@ use crate::{
     connections::Connections,
     domain::Broker,
     gate::GateLayer,
+    metrics,
     store::Store,
 };
 
@@ -52,6 +53,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let Listeners { grpc: listener, health: health_listener } = listeners.into();
     let connections = Connections::default();
+    let metrics_listener = metrics::bind(&settings.metrics).await?;
     // Checked before anything starts: a bad certificate or key fails the start, not the first handshake.
     let mut builder = Server::builder();
     if let Some(tls) = &settings.security.tls {
@@ -77,6 +79,7 @@ pub async fn serve(
         return Ok(());
     }
     let broker = Broker::start(store.clone(), settings.clone(), tracker.clone(), background.clone());
+    metrics::spawn(metrics_listener, broker.metrics(), store.clone(), &tracker, background.clone());
     let (reporter, health) = tonic_health::server::health_reporter();
     tracker.spawn(report_health(reporter, broker.store_health(), stop.clone()));
     let reflection = || {

@@ -9,7 +9,9 @@ mod jobs;
 
 pub use admin::SessionRecord;
 pub use jobs::{Inserted, KeyHolder, NewKey};
+pub use stats::{PoolUse, QueueDepth};
 mod rows;
+mod stats;
 
 use std::{str::FromStr as _, time::Duration};
 

@@ -20,7 +20,7 @@ use std::{
 };
 
 use broker::{
-    config::Settings,
+    config::{MetricsListen, Settings},
     devdb::{self, LocalPostgres, PgOptions},
 };
 use jobbroker::v1::broker_service_client::BrokerServiceClient;
@@ -98,6 +98,8 @@ pub struct TestBroker {
     pub health_addr: Option<SocketAddr>,
     /// `http://{addr}`, for clients.
     pub url: String,
+    /// `http://127.0.0.1:{port}/metrics`: the broker's Prometheus endpoint, on a port of its own.
+    pub metrics_url: String,
     /// Sending on it, or dropping it, begins the broker's graceful shutdown.
     shutdown: Option<oneshot::Sender<()>>,
     /// The serving task; yields what `broker::serve` returned.
@@ -107,7 +109,7 @@ pub struct TestBroker {
 }
 
 impl TestBroker {
-    /// Serves `settings` (its `listen` is replaced by the address bound here) until stopped or dropped.
+    /// Serves `settings` (its `listen` and `metrics` are replaced by addresses bound here) until stopped or dropped.
     pub async fn start(settings: Settings) -> TestBroker {
         TestBroker::start_on(settings, SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0))).await
     }
@@ -134,6 +136,9 @@ impl TestBroker {
         let addr = listener.local_addr().expect("the bound address");
         let health_addr = health.as_ref().map(|health| health.local_addr().expect("the bound address"));
         settings.listen = addr;
+        let metrics = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).expect("a metrics port");
+        let metrics_url = format!("http://{}/metrics", metrics.local_addr().expect("the bound address"));
+        settings.metrics = MetricsListen::Bound(metrics.into());
         let stop_timeout = settings.shutdown_grace + Duration::from_secs(10);
         let (shutdown, shutdown_requested) = oneshot::channel::<()>();
         let shutdown_requested = async move {
@@ -148,8 +153,15 @@ impl TestBroker {
             }
             result
         });
-        let url = format!("http://{addr}");
-        TestBroker { addr, health_addr, url, shutdown: Some(shutdown), handle: Some(handle), stop_timeout }
+        TestBroker {
+            addr,
+            health_addr,
+            url: format!("http://{addr}"),
+            metrics_url,
+            shutdown: Some(shutdown),
+            handle: Some(handle),
+            stop_timeout,
+        }
     }
 
     /// A `BrokerService` client connected with `jobbroker::client::connect`, as users connect.

@@ -26,10 +26,13 @@ use serde_json::Value;
 pub fn chart_tool(args: &[&str]) -> Vec<u8> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../helm/tests/chart_check.py");
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    let output =
-        std::process::Command::new(&python).arg(&script).args(args).stdin(Stdio::null()).output().unwrap_or_else(|e| {
-            panic!("running {python} {}: {e} (the chart checks need Python 3.10+)", script.display())
-        });
+    // Its tools live in this build's target directory (CARGO_TARGET_TMPDIR is `<target>/tmp`).
+    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).parent().expect("the target directory");
+    let mut command = std::process::Command::new(&python);
+    command.arg(&script).args(args).env("CARGO_TARGET_DIR", target).stdin(Stdio::null());
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("running {python} {}: {e} (the chart checks need Python 3.10+)", script.display()));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "chart_check.py {args:?} failed ({}):\n{stderr}", output.status);
     eprint!("{stderr}");

@@ -8,7 +8,7 @@ FROM docker.io/library/rust:1.95-slim-bookworm AS build
 WORKDIR /src
 COPY . .
 # The same release build as CI and the docs: every binary from Cargo.lock, exactly.
-RUN cargo build --release --locked -p broker -p worker-agent -p ctl
+RUN cargo build --release --locked -p broker -p worker-agent -p jobctl
 
 # glibc and CA certificates, nothing else: no shell, no package manager.
 FROM gcr.io/distroless/cc-debian12:nonroot

@@ -88,11 +88,12 @@ async fn all_features_migrate_serve_run_a_job_through_the_agent_and_pass_the_hel
     broker_drains_within_its_grace(&cluster, broker).await;
 }
 
-/// Each gRPC probe of the broker Deployment, asked on the local stand-in of its port, answers SERVING: the chart
-/// probes the health service the binary serves, where it serves it (plaintext even when gRPC has TLS).
+/// Each gRPC probe of the broker Deployment, asked on the local stand-in of its port, answers SERVING, and the TCP
+/// liveness probe's port accepts: the chart probes the health service the binary serves, where it serves it
+/// (plaintext even when gRPC has TLS).
 async fn probes_report_serving(cluster: &LocalCluster, broker: &mut Process) {
     let spec = container(cluster.rendered.object("Deployment", "broker"), "broker");
-    for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+    for probe in ["startupProbe", "readinessProbe"] {
         let grpc = &spec[probe]["grpc"];
         let port = cluster.local_port(grpc["port"].as_u64().unwrap_or_else(|| panic!("{probe} is not a gRPC probe")));
         let service = grpc["service"].as_str().unwrap_or_default();
@@ -109,6 +110,9 @@ async fn probes_report_serving(cluster: &LocalCluster, broker: &mut Process) {
         .await;
         broker.assert_running();
     }
+    let liveness = spec["livenessProbe"]["tcpSocket"]["port"].as_u64().expect("a TCP liveness probe");
+    let liveness = cluster.local_port(liveness);
+    tokio::net::TcpStream::connect(("127.0.0.1", liveness)).await.expect("the liveness probe's port accepts");
 }
 
 /// `GET /metrics` on the port the chart declares as `metrics` (and scrapes) answers Prometheus text.

@@ -39,7 +39,7 @@ KUBERNETES = "1.30.0"
 RELEASE, NAMESPACE = "rel", "jobs"
 # Values files every check runs with: the defaults and each file of ci/.
 VALUE_SETS = ["default"] + sorted(p.name for p in (CHART / "ci").glob("*-values.yaml"))
-BUILD_COMMAND = "cargo build --release --locked -p broker -p worker-agent -p ctl"
+BUILD_COMMAND = "cargo build --release --locked -p broker -p worker-agent -p jobctl"
 
 failures: list[str] = []
 
@@ -218,14 +218,16 @@ def check_broker(name: str, objects: list[dict]) -> None:
     health_listen = env.get("JOBBROKER_HEALTH_LISTEN", {}).get("value", "off")
     if "health" not in ports or not health_listen.endswith(f":{ports['health']}"):
         fail(f"{where}: JOBBROKER_HEALTH_LISTEN ({health_listen}) must serve the `health` container port")
-    for probe_name, services in [("startupProbe", ["jobbroker.v1.BrokerService"]),
-                                 ("readinessProbe", ["jobbroker.v1.BrokerService"]),
-                                 ("livenessProbe", ["", "jobbroker.v1.BrokerService"])]:
+    for probe_name in ["startupProbe", "readinessProbe"]:
         grpc = broker.get(probe_name, {}).get("grpc")
         if not grpc:
             fail(f"{where}: {probe_name} must be a native gRPC probe")
-        elif grpc.get("port") != ports.get("health") or grpc.get("service", "") not in services:
-            fail(f"{where}: {probe_name} must ask the health port for {services}, not {grpc}")
+        elif grpc.get("port") != ports.get("health") or grpc.get("service") != "jobbroker.v1.BrokerService":
+            fail(f"{where}: {probe_name} must ask the health port for jobbroker.v1.BrokerService, not {grpc}")
+    # Liveness must not follow the database (an outage would restart every broker): a TCP check of the health port.
+    liveness = broker.get("livenessProbe", {})
+    if liveness.get("tcpSocket", {}).get("port") != ports.get("health") or "grpc" in liveness:
+        fail(f"{where}: livenessProbe must be a tcpSocket check of the health port, not {liveness}")
     spec = deployment["spec"]["template"]["spec"]
     pre_stop = broker.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
     drain = pre_stop + seconds(env["JOBBROKER_SHUTDOWN_GRACE"]["value"])

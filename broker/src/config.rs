@@ -141,7 +141,7 @@ pub struct ServeArgs {
     #[arg(long, env = "JOBBROKER_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
 
-    // Security and server limits (see docs/security.md).
+    // Security and server limits (README: Security).
     /// File of bearer tokens, one `<role> <token>` per line (role: admin, producer or worker; `#` comments).
     /// With no token configured at all, authentication is off.
     #[arg(long, env = "JOBBROKER_TOKENS_FILE", value_name = "PATH")]

@@ -1,5 +1,5 @@
 //! `jobctl`: the ops command line of jobbroker. Every AdminService call, plus enqueue, get, cancel, watch, health
-//! and an end-to-end smoke test, against one broker. See `docs/operations.md`.
+//! and an end-to-end smoke test, against one broker. See README's "Operating a broker" section.
 
 mod cli;
 mod commands;

@@ -1,5 +1,5 @@
 //! The real `jobctl` binary against a live broker (in-process, own database per test), for every example of
-//! `docs/operations.md`: the tests mirror the doc's `jobctl` commands in its order (queue `emails`, worker
+//! README's "Operating a broker" section: the tests mirror the doc's `jobctl` commands in its order (queue `emails`, worker
 //! `reporting-1`), and check both the tables and the `--json` documents, and the exit codes.
 
 mod support;

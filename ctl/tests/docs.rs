@@ -1,4 +1,4 @@
-//! `docs/operations.md`, run: its `jobctl` lines in order against one fresh broker, its `grpcurl` and `buf` lines
+//! README's "Operating a broker" section, run: its `jobctl` lines in order against one fresh broker, its `grpcurl` and `buf` lines
 //! (grpcurl through `buf curl`, installed by `support::buf`) in order against another. A worker `reporting-1` is
 //! connected on queue `reports`, as the doc says; the doc's example job id stands for the job its first enqueue
 //! created. A line passes when it exits as the doc says (`# exits N`, `# fails: CODE`, else success); the answers
@@ -9,7 +9,13 @@ mod support;
 use serde_json::{Value, json};
 use support::{TestBroker, buf};
 
-const DOC: &str = include_str!("../../docs/operations.md");
+const README: &str = include_str!("../../README.md");
+/// The README's operations section: from its heading to the next section.
+static DOC: std::sync::LazyLock<&str> = std::sync::LazyLock::new(|| {
+    let start = README.find("\n## Operating a broker\n").expect("README has an operations section");
+    let section = &README[start + 1..];
+    section.find("\n## ").map_or(section, |end| &section[..end])
+});
 const DOC_ID: &str = "01a20611-b21f-760b-ab30-02bd21ea3d80";
 const DOC_ADDR: &str = "127.0.0.1:50051";
 
@@ -114,7 +120,7 @@ async fn every_jobctl_example_runs() {
         let shown = examples
             .iter()
             .any(|example| example.words.iter().skip(1).find(|w| !w.starts_with('-')) == Some(&command.to_owned()));
-        assert!(shown, "docs/operations.md has no `jobctl {command}` example");
+        assert!(shown, "README's operations section has no `jobctl {command}` example");
     }
 }
 
@@ -177,7 +183,10 @@ async fn every_grpcurl_example_runs_with_buf_curl() {
         "SetQueueMaxDepth",
         "ListWorkers",
     ] {
-        assert!(methods_shown.iter().any(|m| m == method), "docs/operations.md has no AdminService/{method} example");
+        assert!(
+            methods_shown.iter().any(|m| m == method),
+            "README's operations section has no AdminService/{method} example"
+        );
     }
 }
 

@@ -340,8 +340,8 @@ def check_dockerfile(objects: list[dict]) -> None:
     dockerfile = (REPO / "Dockerfile").read_text()
     if BUILD_COMMAND not in dockerfile:
         fail(f"Dockerfile: the build must run `{BUILD_COMMAND}`")
-    if BUILD_COMMAND not in (REPO / "docs" / "kubernetes.md").read_text():
-        fail(f"docs/kubernetes.md: must show the Dockerfile's build command `{BUILD_COMMAND}`")
+    if BUILD_COMMAND not in (REPO / "README.md").read_text():
+        fail(f"README.md: must show the Dockerfile's build command `{BUILD_COMMAND}`")
     copied = set(re.findall(r"^COPY --from=build (?:/\S+/)?release/(\S+) /usr/local/bin/", dockerfile, re.M))
     metadata = json.loads(subprocess.run(
         ["cargo", "metadata", "--no-deps", "--format-version", "1", "--manifest-path", str(REPO / "Cargo.toml")],

@@ -23,6 +23,32 @@ pub struct Cli {
     /// Log lines as human-readable text or as JSON objects (one per line), on stdout.
     #[arg(long, env = "JOBBROKER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
+    /// Export the broker's spans over OTLP/gRPC to this collector (`http://host:4317`); off when unset. The
+    /// standard `OTEL_EXPORTER_OTLP_ENDPOINT` is used when this is not given.
+    #[arg(long, env = "JOBBROKER_OTLP_ENDPOINT", value_parser = otlp_endpoint, global = true)]
+    pub otlp_endpoint: Option<String>,
+}
+
+impl Cli {
+    /// Where the broker's spans go: `--otlp-endpoint`, else `OTEL_EXPORTER_OTLP_ENDPOINT`; `None` = export off.
+    pub fn otlp_collector(&self) -> Result<Option<String>, String> {
+        match (&self.otlp_endpoint, std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")) {
+            (Some(endpoint), _) => Ok(Some(endpoint.clone())),
+            (None, Ok(endpoint)) if !endpoint.is_empty() => {
+                otlp_endpoint(&endpoint).map(Some).map_err(|e| format!("OTEL_EXPORTER_OTLP_ENDPOINT {endpoint}: {e}"))
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+/// An OTLP/gRPC collector address: a plaintext `http://` URL (TLS to the collector is not built).
+fn otlp_endpoint(text: &str) -> Result<String, String> {
+    let uri: tonic::transport::Uri = text.parse().map_err(|e| format!("not a URL: {e}"))?;
+    match (uri.scheme_str(), uri.host()) {
+        (Some("http"), Some(_)) => Ok(text.to_owned()),
+        _ => Err("must be an http://host:port URL (TLS to the collector is not supported)".to_owned()),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -510,6 +536,17 @@ mod tests {
         let e = validate(&["--tls-cert", path, "--tls-key", path]).unwrap_err();
         assert_eq!(e, format!("--tls-cert {path}: no PEM certificate found"));
         std::fs::remove_dir_all(&dir).expect("cleaned up");
+    }
+
+    #[test]
+    fn otlp_endpoint_is_an_http_url() {
+        let parse =
+            |value: &str| Cli::try_parse_from(["broker", "--otlp-endpoint", value]).map(|cli| cli.otlp_endpoint);
+        assert_eq!(parse("http://127.0.0.1:4317").expect("valid"), Some("http://127.0.0.1:4317".to_owned()));
+        for bad in ["127.0.0.1:4317", "https://collector:4317", "http://"] {
+            let e = parse(bad).expect_err(bad).to_string();
+            assert!(e.contains("--otlp-endpoint"), "{e}");
+        }
     }
 
     #[test]

@@ -16,6 +16,7 @@ use tokio_util::{
     task::TaskTracker,
 };
 use tonic::{Request, Response, Status, Streaming};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use super::convert;
 use crate::{
@@ -126,7 +127,11 @@ impl BrokerService for BrokerApi {
     async fn enqueue(&self, request: Request<pb::EnqueueRequest>) -> Result<Response<pb::EnqueueResponse>, Status> {
         let trace = convert::trace_context(request.metadata());
         if let Some(trace) = &trace {
-            tracing::Span::current().record("trace_id", trace.trace_id());
+            let span = tracing::Span::current();
+            span.record("trace_id", trace.trace_id());
+            // With OTLP export on, this span continues the producer's trace; with it off there is no OpenTelemetry
+            // layer and nothing to continue (the error says just that).
+            span.set_parent(convert::otel_context(trace)).ok();
         }
         let specs = convert::enqueue_request(request.into_inner(), trace, &self.limits)?;
         let enqueued = self.broker.enqueue(specs).await?;

@@ -125,6 +125,18 @@ pub fn trace_context(headers: &tonic::metadata::MetadataMap) -> Option<TraceCont
     Some(TraceContext { traceparent, tracestate: keep.then(|| tracestate.to_owned()) })
 }
 
+/// The OpenTelemetry parent context of a request's (valid) trace context, read by OpenTelemetry's W3C propagator.
+pub fn otel_context(trace: &TraceContext) -> opentelemetry::Context {
+    let mut carrier = std::collections::HashMap::from([("traceparent".to_owned(), trace.traceparent.clone())]);
+    if let Some(tracestate) = &trace.tracestate {
+        carrier.insert("tracestate".to_owned(), tracestate.clone());
+    }
+    opentelemetry::propagation::TextMapPropagator::extract(
+        &opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+        &carrier,
+    )
+}
+
 /// `version-traceid-parentid-flags` in lowercase hex (W3C Trace Context level 1): version `ff` is invalid, ids are
 /// not all zeros, version 00 has exactly these four fields and later versions may append `-…`.
 fn valid_traceparent(text: &str) -> bool {

@@ -24,12 +24,13 @@ use rand::Rng as _;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_stream::{StreamExt as _, wrappers::ReceiverStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tonic::{Code, transport::Channel};
+use tonic::Code;
 use tracing::Instrument as _;
 
-use crate::v1::{self as pb, broker_service_client::BrokerServiceClient, lease_request, lease_response};
-
-type Client = BrokerServiceClient<Channel>;
+use crate::{
+    client::{BrokerClient as Client, ConnectOptions},
+    v1::{self as pb, lease_request, lease_response},
+};
 
 /// Heartbeat period before the broker has said otherwise (it sends `lease_ttl / 3` with each assignment).
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
@@ -44,8 +45,10 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(30 * 24 * 3600);
 /// How the worker connects and what it asks for.
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
-    /// Broker addresses (`http://host:port`), tried in turn.
+    /// Broker addresses (`http://host:port`, or `https://` for TLS), tried in turn.
     pub brokers: Vec<String>,
+    /// Token and TLS settings, the same for every broker.
+    pub connect: ConnectOptions,
     /// Identity shown to operators; make it unique per process (hostname plus a per-start id).
     pub worker_id: String,
     pub queues: Vec<String>,
@@ -65,6 +68,7 @@ impl WorkerOptions {
     ) -> WorkerOptions {
         WorkerOptions {
             brokers: brokers.into_iter().map(Into::into).collect(),
+            connect: ConnectOptions::default(),
             worker_id: default_worker_id(),
             queues: queues.into_iter().map(Into::into).collect(),
             capacity,
@@ -178,6 +182,17 @@ impl ActiveJob {
 
     pub fn metadata(&self) -> &HashMap<String, String> {
         &self.spec().metadata
+    }
+
+    /// The W3C `traceparent` of the request that enqueued the job, if it carried one: continue that trace
+    /// (the agent hands it to commands as `TRACEPARENT` and to HTTP endpoints as the `traceparent` header).
+    pub fn traceparent(&self) -> Option<&str> {
+        Some(self.inner.job.traceparent.as_str()).filter(|t| !t.is_empty())
+    }
+
+    /// The W3C `tracestate` that came with [`Self::traceparent`], if any.
+    pub fn tracestate(&self) -> Option<&str> {
+        Some(self.inner.job.tracestate.as_str()).filter(|t| !t.is_empty())
     }
 
     /// The job's execution timeout, if it has one.
@@ -313,8 +328,11 @@ async fn session<H: Handler>(
     control: &Control,
     address: &str,
 ) -> Result<(), tonic::Status> {
-    let mut client =
-        crate::client::connect(address.to_owned()).await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let mut client = shared.options.connect.connect(address.to_owned()).await.map_err(|e| {
+        // The source says why (refused, TLS handshake, certificate); the Display alone is "transport error".
+        let cause = std::error::Error::source(&e).map(|s| format!(": {s}")).unwrap_or_default();
+        tonic::Status::unavailable(format!("{e}{cause}"))
+    })?;
     let (requests, outbound) = mpsc::channel(8);
     let draining = control.drain.is_cancelled() || control.abort.is_cancelled();
     let held: Vec<String> = shared.running.lock().expect("running lock").keys().cloned().collect();

@@ -3,9 +3,12 @@
 //! Every flag has an environment variable. [`Settings`] is what the rest of the broker trusts: durations are
 //! positive, limits are in range. This module reads nothing from the database and starts nothing.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, sync::Arc, time::Duration};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use jobbroker::tls;
+
+use crate::auth::{Role, Tokens};
 
 /// The longest duration a job may ask for (lease TTL, execution timeout, backoff): 30 days.
 pub const MAX_JOB_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -17,6 +20,15 @@ pub struct Cli {
     pub command: Option<Command>,
     #[command(flatten)]
     pub serve: ServeArgs,
+    /// Log lines as human-readable text or as JSON objects (one per line), on stdout.
+    #[arg(long, env = "JOBBROKER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -56,6 +68,9 @@ pub struct ServeArgs {
     /// gRPC listen address.
     #[arg(long, env = "JOBBROKER_LISTEN", default_value = "0.0.0.0:50051")]
     pub listen: SocketAddr,
+    /// HTTP listen address of the Prometheus endpoint (`GET /metrics`), or `off`.
+    #[arg(long, env = "JOBBROKER_METRICS_LISTEN", default_value = "0.0.0.0:9464")]
+    pub metrics_listen: OffOr<SocketAddr>,
     /// Largest number of Postgres connections this replica opens.
     #[arg(long, env = "JOBBROKER_DB_POOL_SIZE", default_value_t = 16)]
     pub db_pool_size: u32,
@@ -125,6 +140,85 @@ pub struct ServeArgs {
     /// How long shutdown waits for in-flight RPCs after closing Lease streams.
     #[arg(long, env = "JOBBROKER_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+
+    // Security and server limits (README: Security).
+    /// File of bearer tokens, one `<role> <token>` per line (role: admin, producer or worker; `#` comments).
+    /// With no token configured at all, authentication is off.
+    #[arg(long, env = "JOBBROKER_TOKENS_FILE", value_name = "PATH")]
+    pub tokens_file: Option<PathBuf>,
+    /// Admin tokens (comma-separated): every RPC, AdminService included.
+    #[arg(long, env = "JOBBROKER_ADMIN_TOKENS", value_delimiter = ',', hide_env_values = true)]
+    pub admin_tokens: Vec<Secret>,
+    /// Producer tokens (comma-separated): Enqueue, GetJob, WatchJob, CancelJob.
+    #[arg(long, env = "JOBBROKER_PRODUCER_TOKENS", value_delimiter = ',', hide_env_values = true)]
+    pub producer_tokens: Vec<Secret>,
+    /// Worker tokens (comma-separated): Lease, Heartbeat, Complete.
+    #[arg(long, env = "JOBBROKER_WORKER_TOKENS", value_delimiter = ',', hide_env_values = true)]
+    pub worker_tokens: Vec<Secret>,
+    /// Certificate chain (PEM) of the gRPC port; with --tls-key, turns TLS on.
+    #[arg(long, env = "JOBBROKER_TLS_CERT", value_name = "PATH", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM: PKCS#8, PKCS#1 or SEC1) of --tls-cert.
+    #[arg(long, env = "JOBBROKER_TLS_KEY", value_name = "PATH", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificates (PEM) that client certificates must chain to: requires a client certificate (mutual TLS).
+    #[arg(long, env = "JOBBROKER_TLS_CLIENT_CA", value_name = "PATH", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Plaintext gRPC address serving only grpc.health.v1.Health (for probes when the main port has TLS), or `off`.
+    #[arg(long, env = "JOBBROKER_HEALTH_LISTEN", default_value = "off")]
+    pub health_listen: OffOr<SocketAddr>,
+    /// Most concurrent HTTP/2 streams (calls) on one client connection.
+    #[arg(long, env = "JOBBROKER_MAX_CONCURRENT_STREAMS", default_value_t = 512)]
+    pub max_concurrent_streams: u32,
+    /// Connections are closed gracefully after this long, so clients spread over new replicas.
+    #[arg(long, env = "JOBBROKER_MAX_CONNECTION_AGE", default_value = "30m", value_parser = humantime::parse_duration)]
+    pub max_connection_age: Duration,
+    /// Most requests this replica handles at once; beyond it requests fail at once with RESOURCE_EXHAUSTED.
+    /// A streaming call counts only while it starts.
+    #[arg(long, env = "JOBBROKER_MAX_CONCURRENT_REQUESTS", default_value_t = 2048)]
+    pub max_concurrent_requests: usize,
+    /// Longest a unary call (or the start of a stream) may take before it is cancelled.
+    #[arg(long, env = "JOBBROKER_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+    /// Postgres `statement_timeout` of the broker's connections (migrations run without it).
+    #[arg(long, env = "JOBBROKER_STATEMENT_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub statement_timeout: Duration,
+}
+
+/// A command-line secret: parsed like a string, never shown by `Debug`.
+#[derive(Clone)]
+pub struct Secret(pub String);
+
+impl FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(text: &str) -> Result<Secret, Self::Err> {
+        Ok(Secret(text.to_owned()))
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// A flag value that is either the word `off` or a `T`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OffOr<T>(pub Option<T>);
+
+impl<T: FromStr> FromStr for OffOr<T>
+where
+    T::Err: fmt::Display,
+{
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        if text.eq_ignore_ascii_case("off") {
+            return Ok(OffOr(None));
+        }
+        text.parse().map(|value| OffOr(Some(value))).map_err(|e| format!("{e} (or `off`)"))
+    }
 }
 
 /// Validated configuration of one broker replica.
@@ -132,6 +226,7 @@ pub struct ServeArgs {
 pub struct Settings {
     pub database_url: String,
     pub listen: SocketAddr,
+    pub metrics: MetricsListen,
     pub db_pool_size: u32,
     pub db_acquire_timeout: Duration,
     pub migrate: bool,
@@ -147,6 +242,52 @@ pub struct Settings {
     pub writers: usize,
     pub keepalive: Duration,
     pub shutdown_grace: Duration,
+    /// Where the plaintext health-only port listens, if anywhere.
+    pub health_listen: Option<SocketAddr>,
+    pub security: Security,
+    pub serving: ServingLimits,
+    pub statement_timeout: Duration,
+}
+
+/// Who may connect and what they may call.
+#[derive(Debug, Clone, Default)]
+pub struct Security {
+    /// Empty: authentication is off.
+    pub tokens: Tokens,
+    /// `None`: the gRPC port is plaintext.
+    pub tls: Option<Tls>,
+}
+
+/// The gRPC port's certificate and key, and the CA of client certificates (mutual TLS), read and checked at start.
+#[derive(Clone)]
+pub struct Tls {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    pub client_ca_pem: Option<Vec<u8>>,
+}
+
+impl fmt::Debug for Tls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tls").field("mutual", &self.client_ca_pem.is_some()).finish_non_exhaustive()
+    }
+}
+
+/// Limits the gRPC server enforces on connections and requests (SPEC: over a limit → RESOURCE_EXHAUSTED).
+#[derive(Debug, Clone)]
+pub struct ServingLimits {
+    pub max_concurrent_streams: u32,
+    pub max_connection_age: Duration,
+    pub max_concurrent_requests: usize,
+    pub request_timeout: Duration,
+}
+
+/// Where the Prometheus endpoint listens.
+#[derive(Debug, Clone)]
+pub enum MetricsListen {
+    Off,
+    Address(SocketAddr),
+    /// A socket bound by the caller (tests bind port 0 and read the port back before serving).
+    Bound(Arc<std::net::TcpListener>),
 }
 
 /// What a job gets for the fields its spec leaves unset.
@@ -172,7 +313,7 @@ pub struct Limits {
 impl ServeArgs {
     /// Checks every value once; the message names the flag that is wrong.
     pub fn validate(self) -> Result<Settings, String> {
-        let database_url = self.database_url.ok_or("--database-url (DATABASE_URL) is required")?;
+        let database_url = self.database_url.clone().ok_or("--database-url (DATABASE_URL) is required")?;
         let positive = [
             ("--db-acquire-timeout", self.db_acquire_timeout),
             ("--lease-ttl", self.lease_ttl),
@@ -184,6 +325,9 @@ impl ServeArgs {
             ("--initial-backoff", self.initial_backoff),
             ("--max-backoff", self.max_backoff),
             ("--keepalive", self.keepalive),
+            ("--max-connection-age", self.max_connection_age),
+            ("--request-timeout", self.request_timeout),
+            ("--statement-timeout", self.statement_timeout),
         ];
         for (flag, value) in positive {
             if value.is_zero() {
@@ -211,6 +355,8 @@ impl ServeArgs {
             ("--max-message-bytes", self.max_message_bytes),
             ("--write-batch", self.write_batch),
             ("--writers", self.writers),
+            ("--max-concurrent-streams", self.max_concurrent_streams as usize),
+            ("--max-concurrent-requests", self.max_concurrent_requests),
         ];
         for (flag, value) in counts {
             if value == 0 {
@@ -220,9 +366,11 @@ impl ServeArgs {
         if self.db_pool_size < 4 {
             return Err("--db-pool-size must be at least 4 (listener, reaper and writers each hold one)".into());
         }
+        let security = Security { tokens: self.tokens()?, tls: self.tls()? };
         Ok(Settings {
             database_url,
             listen: self.listen,
+            metrics: self.metrics_listen.0.map_or(MetricsListen::Off, MetricsListen::Address),
             db_pool_size: self.db_pool_size,
             db_acquire_timeout: self.db_acquire_timeout,
             migrate: self.migrate,
@@ -250,14 +398,55 @@ impl ServeArgs {
             writers: self.writers,
             keepalive: self.keepalive,
             shutdown_grace: self.shutdown_grace,
+            health_listen: self.health_listen.0,
+            security,
+            serving: ServingLimits {
+                max_concurrent_streams: self.max_concurrent_streams,
+                max_connection_age: self.max_connection_age,
+                max_concurrent_requests: self.max_concurrent_requests,
+                request_timeout: self.request_timeout,
+            },
+            statement_timeout: self.statement_timeout,
         })
+    }
+
+    /// The tokens of --tokens-file and of the --*-tokens flags together.
+    fn tokens(&self) -> Result<Tokens, String> {
+        let mut tokens = Tokens::default();
+        if let Some(path) = &self.tokens_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read --tokens-file {}: {e}", path.display()))?;
+            tokens.add_file(&text, path)?;
+        }
+        let flags = [
+            (Role::Admin, "--admin-tokens (JOBBROKER_ADMIN_TOKENS)", &self.admin_tokens),
+            (Role::Producer, "--producer-tokens (JOBBROKER_PRODUCER_TOKENS)", &self.producer_tokens),
+            (Role::Worker, "--worker-tokens (JOBBROKER_WORKER_TOKENS)", &self.worker_tokens),
+        ];
+        for (role, flag, list) in flags {
+            for Secret(token) in list {
+                tokens.add(role, token.trim(), flag)?;
+            }
+        }
+        Ok(tokens)
+    }
+
+    /// Reads and checks the TLS files, so a wrong path or a wrong file fails the start naming the flag.
+    fn tls(&self) -> Result<Option<Tls>, String> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else { return Ok(None) };
+        let cert_pem = tls::read_certificates("--tls-cert", cert)?;
+        let key_pem = tls::read_private_key("--tls-key", key)?;
+        let client_ca_pem =
+            self.tls_client_ca.as_deref().map(|ca| tls::read_certificates("--tls-client-ca", ca)).transpose()?;
+        Ok(Some(Tls { cert_pem, key_pem, client_ca_pem }))
     }
 }
 
 impl Settings {
-    /// Settings with every default and the given database: what tests and embedders start from.
+    /// Settings with every default and the given database: what tests and embedders start from. The metrics
+    /// endpoint is off (several brokers in one process cannot share its port); set [`Settings::metrics`] to serve it.
     pub fn with_database(database_url: impl Into<String>) -> Settings {
-        let cli = Cli::parse_from(["broker", "--database-url", &database_url.into()]);
+        let cli = Cli::parse_from(["broker", "--database-url", &database_url.into(), "--metrics-listen", "off"]);
         cli.serve.validate().expect("the defaults are valid")
     }
 }
@@ -272,5 +461,69 @@ mod tests {
         assert_eq!(cli.serve.validate().unwrap_err(), "--lease-ttl must be positive");
         let cli = Cli::parse_from(["broker"]);
         assert!(cli.serve.validate().unwrap_err().contains("DATABASE_URL"));
+    }
+
+    fn validate(args: &[&str]) -> Result<Settings, String> {
+        let cli = Cli::try_parse_from(["broker", "--database-url", "postgres://x"].iter().chain(args))
+            .map_err(|e| e.to_string())?;
+        cli.serve.validate()
+    }
+
+    #[test]
+    fn security_and_limit_flags() {
+        let defaults = validate(&[]).expect("valid");
+        assert!(defaults.security.tokens.is_empty() && defaults.security.tls.is_none());
+        assert_eq!(defaults.health_listen, None);
+        assert_eq!(defaults.serving.max_concurrent_streams, 512);
+        assert_eq!(defaults.serving.max_connection_age, Duration::from_secs(1800));
+        assert_eq!(defaults.serving.max_concurrent_requests, 2048);
+        assert_eq!(defaults.serving.request_timeout, Duration::from_secs(30));
+        assert_eq!(defaults.statement_timeout, Duration::from_secs(30));
+
+        let s = validate(&["--admin-tokens", "a1,a2", "--worker-tokens", "w", "--health-listen", "0.0.0.0:8081"])
+            .expect("valid");
+        assert_eq!(format!("{:?}", s.security.tokens), "Tokens { admin: 2, producer: 0, worker: 1 }");
+        assert_eq!(s.health_listen, Some("0.0.0.0:8081".parse().expect("an address")));
+        assert!(!format!("{s:?}").contains("a1"), "settings never show a token");
+
+        let e = validate(&["--health-listen", "nowhere"]).unwrap_err();
+        assert!(e.contains("--health-listen") && e.contains("`off`"), "{e}");
+        assert_eq!(
+            validate(&["--max-concurrent-requests", "0"]).unwrap_err(),
+            "--max-concurrent-requests must be at least 1"
+        );
+        assert_eq!(validate(&["--statement-timeout", "0s"]).unwrap_err(), "--statement-timeout must be positive");
+        assert!(validate(&["--tls-cert", "c.pem"]).unwrap_err().contains("--tls-key"));
+        let e = validate(&["--tls-cert", "/nonexistent/c.pem", "--tls-key", "k.pem"]).unwrap_err();
+        assert!(e.starts_with("cannot read --tls-cert /nonexistent/c.pem:"), "{e}");
+        let e = validate(&["--tokens-file", "/nonexistent/tokens"]).unwrap_err();
+        assert!(e.starts_with("cannot read --tokens-file /nonexistent/tokens:"), "{e}");
+    }
+
+    #[test]
+    fn tls_files_are_checked_at_start() {
+        let dir = std::env::temp_dir().join(format!("jobbroker-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a scratch directory");
+        let not_pem = dir.join("not.pem");
+        std::fs::write(&not_pem, "hello").expect("written");
+        let path = not_pem.to_str().expect("UTF-8");
+        let e = validate(&["--tls-cert", path, "--tls-key", path]).unwrap_err();
+        assert_eq!(e, format!("--tls-cert {path}: no PEM certificate found"));
+        std::fs::remove_dir_all(&dir).expect("cleaned up");
+    }
+
+    #[test]
+    fn metrics_listen_takes_an_address_or_off() {
+        let settings = |value: &str| {
+            let cli = Cli::try_parse_from(["broker", "--database-url", "postgres://x", "--metrics-listen", value])?;
+            Ok::<_, clap::Error>(cli.serve.validate().expect("valid"))
+        };
+        assert!(matches!(settings("off").unwrap().metrics, MetricsListen::Off));
+        let on = settings("127.0.0.1:9999").unwrap().metrics;
+        assert!(matches!(on, MetricsListen::Address(a) if a.port() == 9999), "{on:?}");
+        let error = settings("9464").unwrap_err().to_string();
+        assert!(error.contains("--metrics-listen") && error.contains("`off`"), "{error}");
+        let default = Cli::parse_from(["broker", "--database-url", "postgres://x"]).serve.validate().unwrap();
+        assert!(matches!(default.metrics, MetricsListen::Address(a) if a.port() == 9464));
     }
 }

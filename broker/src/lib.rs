@@ -4,11 +4,15 @@
 //! (all SQL). [`serve`] is what `main` and the tests call; [`run`] adds the command line around it.
 
 pub mod api;
+pub mod auth;
 pub mod config;
+mod connections;
 mod dev;
 pub mod devdb;
 pub mod domain;
 pub mod error;
+mod gate;
+pub mod metrics;
 pub mod model;
 mod server;
 pub mod store;
@@ -17,7 +21,7 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 
 use crate::config::{Cli, Command, Settings};
-pub use crate::server::serve;
+pub use crate::server::{Listeners, serve};
 
 /// Runs the command line: serve (default), migrate, or dev.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -38,7 +42,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// Serves until SIGTERM or SIGINT.
 async fn serve_forever(settings: Settings) -> anyhow::Result<()> {
-    let listener =
-        TcpListener::bind(settings.listen).await.with_context(|| format!("cannot listen on {}", settings.listen))?;
-    serve(listener, settings, server::termination()).await
+    let grpc = bind(settings.listen).await?;
+    let health = match settings.health_listen {
+        Some(address) => Some(bind(address).await?),
+        None => None,
+    };
+    serve(Listeners { grpc, health }, settings, server::termination()).await
+}
+
+async fn bind(address: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(address).await.with_context(|| format!("cannot listen on {address}"))
 }

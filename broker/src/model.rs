@@ -73,6 +73,22 @@ pub struct NewJob {
     pub run_at: Option<DateTime<Utc>>,
     /// Fingerprint of the spec as the producer sent it, compared when an idempotency key repeats.
     pub spec_hash: Vec<u8>,
+    pub trace: Option<TraceContext>,
+}
+
+/// The W3C trace context (`traceparent`, `tracestate`) of the Enqueue request that created a job; the worker gets
+/// it with the job so its work joins the producer's trace. Validated at the edge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceContext {
+    pub traceparent: String,
+    pub tracestate: Option<String>,
+}
+
+impl TraceContext {
+    /// The trace id: the second field of `traceparent` (`version-traceid-parentid-flags`).
+    pub fn trace_id(&self) -> &str {
+        self.traceparent.split('-').nth(1).unwrap_or_default()
+    }
 }
 
 /// Progress a worker reported.
@@ -99,6 +115,9 @@ pub struct Job {
     pub result: Option<Vec<u8>>,
     pub progress: Option<Progress>,
     pub cancel_requested: bool,
+    /// When the latest lease was granted (database clock); `None` before the first lease and once finished.
+    pub leased_at: Option<DateTime<Utc>>,
+    pub trace: Option<TraceContext>,
 }
 
 /// How a worker ended an attempt.
@@ -149,11 +168,14 @@ pub struct LeaseFacts {
 }
 
 /// Where a settled lease's job went.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settled {
     pub lease_id: Uuid,
     pub job_id: Uuid,
     pub state: JobState,
+    pub queue: String,
+    /// How long the lease was held, by the database clock (unknown for leases granted before it was recorded).
+    pub held: Option<Duration>,
 }
 
 /// One heartbeat for one lease.
@@ -196,6 +218,8 @@ pub struct SpecRequest {
     pub max_backoff: Option<Duration>,
     pub multiplier: Option<f64>,
     pub metadata: BTreeMap<String, String>,
+    /// The Enqueue request's trace context; not part of the spec an idempotency key compares.
+    pub trace: Option<TraceContext>,
 }
 
 /// The answer for one enqueued job.

@@ -1,5 +1,9 @@
 //! Composition root: builds the store, the domain and the gRPC server, serves until shutdown, then drains.
 //!
+//! The server's protections are wired here: TLS (and mutual TLS), the [`GateLayer`] (tokens, replica-wide request
+//! limit), per-connection stream limit, message sizes, request timeout, keepalive and connection age. The
+//! optional health port is plaintext and serves health alone, from the same reporter.
+//!
 //! Shutdown order (SPEC): health NOT_SERVING, stop handing out leases and close worker streams (they reconnect
 //! elsewhere; their leases stay valid), let in-flight RPCs finish within a bounded grace, stop background work.
 
@@ -9,13 +13,16 @@ use anyhow::Context as _;
 use jobbroker::v1::{admin_service_server::AdminServiceServer, broker_service_server::BrokerServiceServer};
 use tokio::{net::TcpListener, sync::watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tonic::transport::{Server, server::TcpIncoming};
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig, server::TcpIncoming};
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
     api::{AdminApi, BrokerApi},
-    config::Settings,
+    config::{Settings, Tls},
+    connections::Connections,
     domain::Broker,
+    gate::GateLayer,
+    metrics,
     store::Store,
 };
 
@@ -24,12 +31,34 @@ const SERVICES: [&str; 3] = ["", "jobbroker.v1.BrokerService", "jobbroker.v1.Adm
 /// Longest pause between migration attempts while the database is not reachable.
 const MIGRATE_RETRY: Duration = Duration::from_secs(2);
 
-/// Serves gRPC on `listener` until `shutdown` resolves, then drains and returns.
+/// The sockets a broker serves on, bound by the caller (tests bind port 0).
+pub struct Listeners {
+    /// Every service: BrokerService, health, reflection.
+    pub grpc: TcpListener,
+    /// Plaintext, health only (`--health-listen`).
+    pub health: Option<TcpListener>,
+}
+
+impl From<TcpListener> for Listeners {
+    fn from(grpc: TcpListener) -> Listeners {
+        Listeners { grpc, health: None }
+    }
+}
+
+/// Serves gRPC on `listeners` until `shutdown` resolves, then drains and returns.
 pub async fn serve(
-    listener: TcpListener,
+    listeners: impl Into<Listeners>,
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let Listeners { grpc: listener, health: health_listener } = listeners.into();
+    let connections = Connections::default();
+    let metrics_listener = metrics::bind(&settings.metrics).await?;
+    // Checked before anything starts: a bad certificate or key fails the start, not the first handshake.
+    let mut builder = Server::builder();
+    if let Some(tls) = &settings.security.tls {
+        builder = builder.tls_config(tls_config(tls)).context("TLS: --tls-cert and --tls-key are not usable")?;
+    }
     let stop = CancellationToken::new();
     let background = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -50,6 +79,7 @@ pub async fn serve(
         return Ok(());
     }
     let broker = Broker::start(store.clone(), settings.clone(), tracker.clone(), background.clone());
+    metrics::spawn(metrics_listener, broker.metrics(), store.clone(), &tracker, background.clone());
     let (reporter, health) = tonic_health::server::health_reporter();
     tracker.spawn(report_health(reporter, broker.store_health(), stop.clone()));
     let reflection = || {
@@ -77,19 +107,36 @@ pub async fn serve(
             broker.close_streams();
         }
     };
-    tracing::info!(address = %listener.local_addr()?, "serving gRPC");
-    // `Server::tcp_nodelay` does not reach sockets from our own listener: without this, Nagle holds a pushed
-    // assignment back until the client's delayed ACK (~40 ms).
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let server = Server::builder()
+    if let Some(listener) = health_listener {
+        tracing::info!(address = %listener.local_addr()?, "serving plaintext health checks");
+        let health_only = Server::builder()
+            .add_service(health.clone())
+            .serve_with_incoming_shutdown(connections.accept(incoming(listener)), background.clone().cancelled_owned());
+        tracker.spawn(async move {
+            if let Err(error) = health_only.await {
+                tracing::error!(%error, "the health port failed");
+            }
+        });
+    }
+    log_security(&settings);
+    tracing::info!(address = %listener.local_addr()?, tls = settings.security.tls.is_some(), "serving gRPC");
+    let limits = &settings.serving;
+    let server = builder
         .http2_keepalive_interval(Some(settings.keepalive))
         .http2_keepalive_timeout(Some(settings.keepalive))
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        // After the age, GOAWAY: new calls go to a new connection (maybe another replica). Calls still running
+        // (a Lease stream) get one request timeout more, then the connection closes and workers reconnect.
+        .max_connection_age(limits.max_connection_age)
+        .max_connection_age_grace(limits.request_timeout)
+        .timeout(limits.request_timeout)
+        .layer(GateLayer::new(settings.security.tokens.clone(), limits.max_concurrent_requests))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(service)
         .add_service(admin)
-        .serve_with_incoming_shutdown(incoming, closing);
+        .serve_with_incoming_shutdown(connections.accept(incoming(listener)), closing);
     let grace = async {
         stop.cancelled().await;
         tokio::time::sleep(settings.shutdown_grace).await;
@@ -103,11 +150,42 @@ pub async fn serve(
     };
     stop.cancel();
     background.cancel();
+    // Calls that outlived the grace (a client not reading its stream) hold tasks the tracker waits for.
+    connections.cut();
     tracker.close();
     tracker.wait().await;
     store.close().await;
     tracing::info!("stopped");
     served
+}
+
+/// Accepted connections of `listener`. `Server::tcp_nodelay` does not reach sockets from our own listener:
+/// without this, Nagle holds a pushed assignment back until the client's delayed ACK (~40 ms).
+fn incoming(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
+fn tls_config(tls: &Tls) -> ServerTlsConfig {
+    let config = ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem));
+    match &tls.client_ca_pem {
+        Some(ca) => config.client_ca_root(Certificate::from_pem(ca)),
+        None => config,
+    }
+}
+
+/// Says at start-up how the port is protected; never prints a token.
+fn log_security(settings: &Settings) {
+    let security = &settings.security;
+    if security.tokens.is_empty() {
+        tracing::warn!("no tokens configured: authentication is off, anyone who reaches the port may call every RPC");
+    } else {
+        tracing::info!(tokens = ?security.tokens, "bearer-token authentication on");
+    }
+    match &security.tls {
+        Some(tls) if tls.client_ca_pem.is_some() => tracing::info!("TLS on, client certificates required"),
+        Some(_) => tracing::info!("TLS on"),
+        None => tracing::info!("TLS off: the gRPC port is plaintext"),
+    }
 }
 
 /// Applies migrations, retrying while the database is unreachable. False if shutdown came first.

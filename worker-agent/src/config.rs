@@ -11,7 +11,10 @@ use std::{
 };
 
 use clap::Parser;
-use jobbroker::worker::WorkerOptions;
+use jobbroker::{
+    client::{ClientArgs, ClientError},
+    worker::WorkerOptions,
+};
 use reqwest::{
     Url,
     header::{HeaderMap, HeaderName, HeaderValue},
@@ -32,9 +35,13 @@ const MAX_NAME: usize = 128;
              enforces timeouts, drains on SIGTERM"
 )]
 pub struct Args {
-    /// Broker address, `http://host:port` (repeatable; tried in turn when one goes away).
+    /// Broker address, `http://host:port` or `https://host:port` (TLS) (repeatable; tried in turn when one goes
+    /// away).
     #[arg(long = "broker", env = "JOBBROKER_BROKERS", value_delimiter = ',', default_value = "http://127.0.0.1:50051")]
     pub brokers: Vec<String>,
+    /// Token and TLS flags, the same for every broker.
+    #[command(flatten)]
+    pub client: ClientArgs,
     /// Queue to take jobs from (repeatable). Required here or as `queues` in the config file.
     #[arg(long = "queue", env = "JOBBROKER_QUEUES", value_delimiter = ',')]
     pub queues: Vec<String>,
@@ -141,6 +148,8 @@ pub enum ConfigError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
+    #[error(transparent)]
+    Client(#[from] ClientError),
 }
 
 fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
@@ -219,7 +228,9 @@ impl Settings {
         if capacity == 0 {
             return Err(invalid(capacity_key, "must be at least 1"));
         }
+        let connect = args.client.options(&brokers)?;
         let mut worker = WorkerOptions::new(brokers, queues, capacity);
+        worker.connect = connect;
         if let Some(id) = args.worker_id {
             if id.trim().is_empty() || id.len() > 2 * MAX_NAME {
                 return Err(invalid("--worker-id", format!("must be 1 to {} bytes", 2 * MAX_NAME)));
@@ -382,12 +393,15 @@ fn non_empty(values: Vec<String>) -> Vec<String> {
     values.into_iter().map(|v| v.trim().to_owned()).filter(|v| !v.is_empty()).collect()
 }
 
-/// `host:port` becomes `http://host:port`; anything else must be an `http://` URL (the agent speaks plain gRPC).
+/// `host:port` becomes `http://host:port`; anything else must be an `http://` or `https://` (TLS) URL.
 fn broker_url(text: String) -> Result<String, ConfigError> {
     let url = if text.contains("://") { text } else { format!("http://{text}") };
     match Url::parse(&url) {
-        Ok(parsed) if parsed.scheme() == "http" && parsed.host().is_some() => Ok(url),
-        Ok(parsed) => Err(invalid("--broker", format!("{url:?}: expected http://host:port (got {})", parsed.scheme()))),
+        Ok(parsed) if matches!(parsed.scheme(), "http" | "https") && parsed.host().is_some() => Ok(url),
+        Ok(parsed) => Err(invalid(
+            "--broker",
+            format!("{url:?}: expected http://host:port or https://host:port (got {})", parsed.scheme()),
+        )),
         Err(e) => Err(invalid("--broker", format!("{url:?} is not a URL: {e}"))),
     }
 }
@@ -534,7 +548,29 @@ mod tests {
         assert!(error(&["--queue", "q", "--exec", "true", "--capacity", "0"], "").starts_with("--capacity:"));
         assert!(error(&["--exec", "true"], "queues = [\"q\"]\ncapacity = 0").starts_with("capacity:"));
         assert!(error(&["--queue", "bad queue", "--exec", "true"], "").starts_with("--queue: \"bad queue\""));
-        assert!(error(&["--queue", "q", "--exec", "true", "--broker", "https://b:1"], "").starts_with("--broker:"));
+        assert!(error(&["--queue", "q", "--exec", "true", "--broker", "ftp://b:1"], "").starts_with("--broker:"));
+    }
+
+    #[test]
+    fn token_and_tls_flags() {
+        fn with<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+            [&["--queue", "q", "--exec", "true"][..], extra].concat()
+        }
+        let s =
+            settings(&with(&["--broker", "https://b:1", "--token", "t0ken", "--tls-domain", "broker.internal"]), "")
+                .expect("valid");
+        assert_eq!(s.worker.brokers, ["https://b:1"]);
+        let shown = format!("{s:?}");
+        assert!(shown.contains("Bearer(..)") && shown.contains("broker.internal"), "{shown}");
+        assert!(!shown.contains("t0ken"), "the token is never shown: {shown}");
+
+        let e = error(&with(&["--tls-domain", "x"]), "");
+        assert_eq!(e, "--tls-domain: applies to https:// brokers only, and http://127.0.0.1:50051 is plaintext");
+        let e = error(&with(&["--broker", "https://b:1", "--tls-ca", "/nonexistent/ca.pem"]), "");
+        assert!(e.starts_with("cannot read --tls-ca /nonexistent/ca.pem:"), "{e}");
+        let e = error(&with(&["--token", "two words"]), "");
+        assert!(e.starts_with("--token: a token must be"), "{e}");
+        assert!(Args::try_parse_from(["worker-agent", "--tls-client-cert", "c.pem"]).is_err(), "needs the key");
     }
 
     #[test]

@@ -122,9 +122,13 @@ async fn follow_stream(
 
 #[tonic::async_trait]
 impl BrokerService for BrokerApi {
-    #[tracing::instrument(skip_all, fields(jobs = request.get_ref().jobs.len()))]
+    #[tracing::instrument(skip_all, fields(jobs = request.get_ref().jobs.len(), trace_id))]
     async fn enqueue(&self, request: Request<pb::EnqueueRequest>) -> Result<Response<pb::EnqueueResponse>, Status> {
-        let specs = convert::enqueue_request(request.into_inner(), &self.limits)?;
+        let trace = convert::trace_context(request.metadata());
+        if let Some(trace) = &trace {
+            tracing::Span::current().record("trace_id", trace.trace_id());
+        }
+        let specs = convert::enqueue_request(request.into_inner(), trace, &self.limits)?;
         let enqueued = self.broker.enqueue(specs).await?;
         let jobs = enqueued.into_iter().map(|e| pb::EnqueuedJob { id: e.id.to_string(), created: e.created }).collect();
         Ok(Response::new(pb::EnqueueResponse { jobs }))

@@ -13,7 +13,7 @@ use crate::{
     config::{Limits, MAX_JOB_DURATION},
     domain::dispatch::Registration,
     error::{Error, Result, Violation},
-    model::{Beat, Job, JobState, Outcome, Progress, QueueStats, SpecRequest, WorkerInfo},
+    model::{Beat, Job, JobState, Outcome, Progress, QueueStats, SpecRequest, TraceContext, WorkerInfo},
 };
 
 /// Longest name of a queue or kind, and of a worker id.
@@ -26,6 +26,8 @@ const MAX_PROGRESS_MESSAGE: usize = 1024;
 const MAX_ERROR_MESSAGE: usize = 4096;
 const MAX_QUEUES_PER_STREAM: usize = 64;
 const MAX_BEATS: usize = 1000;
+/// Longest `tracestate` kept (W3C asks vendors to propagate at least 512 characters).
+const MAX_TRACESTATE: usize = 512;
 
 /// Collects every violation of a request, so one answer names all bad fields.
 #[derive(Default)]
@@ -81,17 +83,75 @@ fn timestamp(value: &prost_types::Timestamp) -> Option<DateTime<Utc>> {
     DateTime::from_timestamp(value.seconds, u32::try_from(value.nanos).ok()?)
 }
 
-pub fn enqueue_request(request: pb::EnqueueRequest, limits: &Limits) -> Result<Vec<SpecRequest>> {
+/// The request's jobs; each carries `trace`, the request's trace context.
+pub fn enqueue_request(
+    request: pb::EnqueueRequest,
+    trace: Option<TraceContext>,
+    limits: &Limits,
+) -> Result<Vec<SpecRequest>> {
     let mut check = Check::default();
     if request.jobs.is_empty() || request.jobs.len() > limits.max_jobs_per_enqueue {
         check.fail("jobs", format!("must hold 1 to {} jobs (got {})", limits.max_jobs_per_enqueue, request.jobs.len()));
         return check.done(Vec::new());
     }
-    let specs = request.jobs.into_iter().enumerate().map(|(i, spec)| job_spec(&mut check, i, spec, limits)).collect();
+    let specs = request
+        .jobs
+        .into_iter()
+        .enumerate()
+        .map(|(i, spec)| job_spec(&mut check, i, spec, trace.clone(), limits))
+        .collect();
     check.done(specs)
 }
 
-fn job_spec(check: &mut Check, index: usize, spec: pb::JobSpec, limits: &Limits) -> SpecRequest {
+/// The W3C trace context of a request (`traceparent` and `tracestate` headers). A missing, repeated or malformed
+/// `traceparent` means no trace context (W3C: start a new trace rather than fail); a `tracestate` that is too long
+/// or not printable ASCII is dropped while a valid `traceparent` is kept.
+pub fn trace_context(headers: &tonic::metadata::MetadataMap) -> Option<TraceContext> {
+    let mut values = headers.get_all("traceparent").iter();
+    let (Some(value), None) = (values.next(), values.next()) else { return None };
+    let traceparent = match value.to_str().ok().filter(|text| valid_traceparent(text)) {
+        Some(text) => text.to_owned(),
+        None => {
+            tracing::debug!(traceparent = ?value, "ignoring a malformed traceparent header");
+            return None;
+        }
+    };
+    let tracestate: Vec<&str> = headers.get_all("tracestate").iter().filter_map(|v| v.to_str().ok()).collect();
+    let tracestate = tracestate.join(",");
+    let tracestate = tracestate.trim();
+    let keep = !tracestate.is_empty()
+        && tracestate.len() <= MAX_TRACESTATE
+        && tracestate.bytes().all(|b| (0x20..=0x7e).contains(&b));
+    Some(TraceContext { traceparent, tracestate: keep.then(|| tracestate.to_owned()) })
+}
+
+/// `version-traceid-parentid-flags` in lowercase hex (W3C Trace Context level 1): version `ff` is invalid, ids are
+/// not all zeros, version 00 has exactly these four fields and later versions may append `-…`.
+fn valid_traceparent(text: &str) -> bool {
+    let hex = |field: &str, len: usize| {
+        field.len() == len && field.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let nonzero = |field: &str| field.bytes().any(|b| b != b'0');
+    let (Some(head), rest) = (text.get(..55), text.get(55..).unwrap_or_default()) else { return false };
+    let fields: Vec<&str> = head.split('-').collect();
+    let [version, trace_id, parent_id, flags] = fields[..] else { return false };
+    hex(version, 2)
+        && version != "ff"
+        && hex(trace_id, 32)
+        && nonzero(trace_id)
+        && hex(parent_id, 16)
+        && nonzero(parent_id)
+        && hex(flags, 2)
+        && if version == "00" { rest.is_empty() } else { rest.is_empty() || rest.starts_with('-') }
+}
+
+fn job_spec(
+    check: &mut Check,
+    index: usize,
+    spec: pb::JobSpec,
+    trace: Option<TraceContext>,
+    limits: &Limits,
+) -> SpecRequest {
     let field = |name: &str| format!("jobs[{index}].{name}");
     check.name(field("queue"), &spec.queue);
     check.name(field("kind"), &spec.kind);
@@ -148,6 +208,7 @@ fn job_spec(check: &mut Check, index: usize, spec: pb::JobSpec, limits: &Limits)
         max_backoff,
         multiplier,
         metadata: spec.metadata.into_iter().collect(),
+        trace,
     }
 }
 
@@ -310,6 +371,8 @@ pub fn job(job: Job) -> pb::Job {
         result: job.result.unwrap_or_default(),
         progress: job.progress.map(|p| pb::Progress { percent: p.percent, message: p.message }),
         cancel_requested: job.cancel_requested,
+        traceparent: job.trace.as_ref().map(|t| t.traceparent.clone()).unwrap_or_default(),
+        tracestate: job.trace.and_then(|t| t.tracestate).unwrap_or_default(),
     }
 }
 
@@ -367,5 +430,59 @@ pub fn worker(worker: WorkerInfo) -> pb::WorkerInfo {
         connected_at: Some(time(worker.connected_at)),
         replica: worker.replica,
         labels: worker.labels.into_iter().collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic::metadata::{MetadataMap, MetadataValue};
+
+    use super::*;
+
+    const VALID: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    fn headers(pairs: &[(&'static str, &str)]) -> MetadataMap {
+        let mut map = MetadataMap::new();
+        for (name, value) in pairs {
+            map.append(*name, MetadataValue::try_from(*value).expect("an ASCII value"));
+        }
+        map
+    }
+
+    #[test]
+    fn traceparent_follows_w3c() {
+        assert!(valid_traceparent(VALID));
+        assert!(valid_traceparent("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-future"));
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-600f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01x",
+            "00_4bf92f3577b34da6a3ce929d0e0e4736_00f067aa0ba902b7_01",
+        ] {
+            assert!(!valid_traceparent(bad), "{bad} was accepted");
+        }
+    }
+
+    #[test]
+    fn trace_context_comes_from_the_headers() {
+        let trace = trace_context(&headers(&[("traceparent", VALID), ("tracestate", "congo=t61rcWkgMzE")]));
+        let trace = trace.expect("a valid traceparent");
+        assert_eq!(trace.traceparent, VALID);
+        assert_eq!(trace.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(trace.tracestate.as_deref(), Some("congo=t61rcWkgMzE"));
+        let split = trace_context(&headers(&[("traceparent", VALID), ("tracestate", "a=1"), ("tracestate", "b=2")]));
+        assert_eq!(split.and_then(|t| t.tracestate).as_deref(), Some("a=1,b=2"));
+        let long = "a=".to_owned() + &"x".repeat(MAX_TRACESTATE);
+        let dropped = trace_context(&headers(&[("traceparent", VALID), ("tracestate", &long)])).expect("kept");
+        assert_eq!(dropped.tracestate, None);
+        assert_eq!(trace_context(&headers(&[])), None);
+        assert_eq!(trace_context(&headers(&[("traceparent", "garbage"), ("tracestate", "a=1")])), None);
+        assert_eq!(trace_context(&headers(&[("traceparent", VALID), ("traceparent", VALID)])), None);
     }
 }

@@ -26,6 +26,7 @@ use uuid::Uuid;
 use super::watch::Watchers;
 use crate::{
     error::{Error, Result},
+    metrics::Metrics,
     model::{Job, Settle, SettleLease, Slot},
     store::{SessionRecord, Store},
 };
@@ -117,6 +118,7 @@ pub struct Dispatcher {
     store: Store,
     settings: DispatchSettings,
     watchers: Arc<Watchers>,
+    metrics: Arc<Metrics>,
     groups: Mutex<HashMap<Arc<[String]>, Arc<Group>>>,
     leases: Mutex<HashMap<Uuid, LeaseHolder>>,
     /// Woken after a closed stream's grace, so its leases are re-queued without waiting for the next reap.
@@ -132,6 +134,7 @@ impl Dispatcher {
         store: Store,
         settings: DispatchSettings,
         watchers: Arc<Watchers>,
+        metrics: Arc<Metrics>,
         reaper: Arc<Notify>,
         tracker: TaskTracker,
         shutdown: CancellationToken,
@@ -140,6 +143,7 @@ impl Dispatcher {
             store,
             settings,
             watchers,
+            metrics,
             groups: Mutex::default(),
             leases: Mutex::default(),
             reaper,
@@ -201,6 +205,7 @@ impl Dispatcher {
         }
         group.sessions.lock().expect("group lock").push(session.clone());
         drop(groups);
+        self.metrics.worker_connected();
         group.work.store(true, Ordering::SeqCst);
         group.wake.notify_one();
         Ok((session, receive))
@@ -253,6 +258,7 @@ impl Dispatcher {
                 groups.remove(&group.queues);
             }
         }
+        self.metrics.worker_disconnected();
         if let Err(error) = self.store.delete_session(session.id).await {
             tracing::debug!(%error, session = %session.id, "could not remove the stream from the sessions table");
         }
@@ -393,6 +399,9 @@ impl Dispatcher {
                 continue;
             };
             self.watchers.changed(job.id);
+            // Both instants are the database's: the claim stamped `leased_at`, and `run_at` is when the job was due.
+            let waited = job.leased_at.map(|leased_at| (leased_at - job.run_at).to_std().unwrap_or_default());
+            let queue = job.spec.queue.clone();
             let session = &slots[slot];
             self.leases
                 .lock()
@@ -409,7 +418,9 @@ impl Dispatcher {
                 };
                 fits && session.events.send(event).is_ok() && state.outstanding.insert(lease_id)
             };
-            if !delivered {
+            if delivered {
+                self.metrics.job_leased(&queue, waited);
+            } else {
                 self.leases.lock().expect("leases lock").remove(&lease_id);
                 undelivered.push(SettleLease { lease_id, settle: Settle::Release, only_if_expired: false });
             }

@@ -19,6 +19,7 @@ use super::{
 use crate::{
     config::JobDefaults,
     error::{Error, Result},
+    metrics::Metrics,
     model::{Enqueued, JobSpec, NewJob, RetryPolicy, SpecRequest},
     store::{Inserted, NewKey, Store},
 };
@@ -32,6 +33,7 @@ pub struct EnqueueHandler {
     pub store: Store,
     pub defaults: JobDefaults,
     pub dispatcher: Arc<Dispatcher>,
+    pub metrics: Arc<Metrics>,
     pub bounds: Arc<QueueBounds>,
 }
 
@@ -129,6 +131,7 @@ impl EnqueueHandler {
                 spec: resolve(request, &self.defaults),
                 run_at: request.run_at,
                 spec_hash: hash,
+                trace: request.trace.clone(),
             });
             plan.answers.push(Enqueued { id, created: true });
         }
@@ -175,6 +178,7 @@ impl EnqueueHandler {
         match self.store.insert_jobs(&jobs, &keys, &notify).await? {
             Inserted::KeyTaken => Ok(None),
             Inserted::Committed => {
+                self.metrics.jobs_enqueued(jobs.iter().map(|j| j.spec.queue.as_str()));
                 self.dispatcher.wake(Some(&queues.into_iter().collect::<Vec<_>>()));
                 Ok(Some(answers))
             }

@@ -10,6 +10,7 @@ use uuid::Uuid;
 use super::{batch::BatchHandler, dispatch::Dispatcher, retry, watch::Watchers};
 use crate::{
     error::{Error, Result},
+    metrics::{Completion, LostReason, Metrics},
     model::{Beat, BeatAnswer, JobState, Outcome, SettleLease, Settled},
     store::Store,
 };
@@ -18,6 +19,7 @@ pub struct Leases {
     pub store: Store,
     pub dispatcher: Arc<Dispatcher>,
     pub watchers: Arc<Watchers>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Leases {
@@ -28,6 +30,14 @@ impl Leases {
             return Ok(Vec::new());
         }
         let settled = self.store.settle(items).await?;
+        if !reaped {
+            let decided: HashMap<Uuid, _> = items.iter().map(|item| (item.lease_id, &item.settle)).collect();
+            for done in &settled {
+                if let Some(settle) = decided.get(&done.lease_id) {
+                    self.metrics.lease_completed(&done.queue, Completion::of(settle, done.state), done.held);
+                }
+            }
+        }
         let mut requeued = false;
         for done in &settled {
             if reaped {
@@ -52,6 +62,14 @@ impl Leases {
             .map(|facts| SettleLease { lease_id: facts.lease_id, settle: retry::lost(facts), only_if_expired: true })
             .collect();
         let settled = self.settle(&items, true).await?;
+        let timed_out: HashMap<Uuid, bool> = expired.iter().map(|facts| (facts.lease_id, facts.timed_out)).collect();
+        for done in &settled {
+            let reason = match timed_out.get(&done.lease_id) {
+                Some(true) => LostReason::ExecutionTimeout,
+                _ => LostReason::Expired,
+            };
+            self.metrics.lease_lost(&done.queue, reason);
+        }
         if !settled.is_empty() {
             tracing::info!(count = settled.len(), "re-queued or failed expired leases");
         }

@@ -30,6 +30,7 @@ use self::{
 use crate::{
     config::Settings,
     error::{Error, Result},
+    metrics::Metrics,
     model::{Beat, Enqueued, Job, JobState, Outcome, SpecRequest},
     store::Store,
 };
@@ -48,6 +49,7 @@ pub struct Broker {
     heartbeat: Batcher<HeartbeatHandler>,
     dispatcher: Arc<Dispatcher>,
     watchers: Arc<Watchers>,
+    metrics: Arc<Metrics>,
     /// Max depths of bounded queues, for the enqueue path.
     bounds: Arc<QueueBounds>,
     healthy: signal::Receiver<bool>,
@@ -60,6 +62,7 @@ impl Broker {
     /// Starts the batchers, dispatcher and background tasks on `tracker`; they stop when `shutdown` fires.
     pub fn start(store: Store, settings: Settings, tracker: TaskTracker, shutdown: CancellationToken) -> Arc<Broker> {
         let watchers = Arc::new(Watchers::default());
+        let metrics = Arc::new(Metrics::new());
         let bounds = Arc::new(QueueBounds::default());
         // Hostname plus a per-start id, as workers name themselves: a restarted pod keeps its hostname.
         let replica = jobbroker::worker::default_worker_id();
@@ -73,16 +76,22 @@ impl Broker {
                 replica: replica.clone(),
             },
             watchers.clone(),
+            metrics.clone(),
             reaper_wake.clone(),
             tracker.clone(),
             shutdown.clone(),
         ));
-        let leases =
-            Arc::new(Leases { store: store.clone(), dispatcher: dispatcher.clone(), watchers: watchers.clone() });
+        let leases = Arc::new(Leases {
+            store: store.clone(),
+            dispatcher: dispatcher.clone(),
+            watchers: watchers.clone(),
+            metrics: metrics.clone(),
+        });
         let enqueue_handler = EnqueueHandler {
             store: store.clone(),
             defaults: settings.defaults.clone(),
             dispatcher: dispatcher.clone(),
+            metrics: metrics.clone(),
             bounds: bounds.clone(),
         };
         let (writers, batch) = (settings.writers, settings.write_batch);
@@ -124,11 +133,17 @@ impl Broker {
             heartbeat,
             dispatcher,
             watchers,
+            metrics,
             bounds,
             healthy,
             tracker,
             closing: shutdown.child_token(),
         })
+    }
+
+    /// What this replica counts, for the metrics endpoint.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
     }
 
     /// Whether the job store answers; changes as the health probe sees it.

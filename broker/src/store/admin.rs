@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::{
     ENQUEUED_CHANNEL, Store, millis,
-    rows::{self, finished_job, live_job, spec_columns},
+    rows::{self, finished_job, live_depths, live_job, spec_columns},
 };
 use crate::{
     error::Result,
@@ -36,14 +36,10 @@ fn count(row: &sqlx::postgres::PgRow, column: &str) -> Result<u64, sqlx::Error> 
 impl Store {
     /// Stats of one queue (`Some`) or of every queue that has jobs or settings, sorted by name.
     pub async fn queue_stats(&self, queue: Option<&str>) -> Result<Vec<QueueStats>> {
-        let rows = sqlx::query(
-            "WITH live AS ( \
-               SELECT queue, \
-                 count(*) FILTER (WHERE state = 'queued' AND run_at <= clock_timestamp()) AS queued, \
-                 count(*) FILTER (WHERE state = 'queued' AND run_at > clock_timestamp()) AS scheduled, \
-                 count(*) FILTER (WHERE state = 'leased') AS leased, \
-                 min(run_at) FILTER (WHERE state = 'queued' AND run_at <= clock_timestamp()) AS oldest \
-               FROM jobs WHERE $1::text IS NULL OR queue = $1 GROUP BY queue), \
+        let rows = sqlx::query(concat!(
+            "WITH live AS (",
+            live_depths!(),
+            " WHERE $1::text IS NULL OR queue = $1 GROUP BY queue), \
              finished AS ( \
                SELECT queue, \
                  count(*) FILTER (WHERE state = 'succeeded') AS succeeded, \
@@ -59,8 +55,8 @@ impl Store {
                COALESCE(s.paused, false) AS paused, s.max_depth \
              FROM names n LEFT JOIN live l USING (queue) LEFT JOIN finished f USING (queue) \
                LEFT JOIN settings s USING (queue) \
-             ORDER BY n.queue",
-        )
+             ORDER BY n.queue"
+        ))
         .bind(queue)
         .fetch_all(&self.pool)
         .await?;

@@ -119,6 +119,7 @@ impl Store {
                SELECT pick, row_number() OVER (ORDER BY pick_priority DESC, pick_run_at, pick) AS slot \
                FROM candidates) \
              UPDATE jobs SET state = 'leased', attempt = attempt + 1, lease_id = gen_random_uuid(), \
+               leased_at = clock_timestamp(), \
                session_id = slot_session, worker_id = slot_worker, progress_percent = NULL, \
                progress_message = NULL, \
                attempt_deadline = clock_timestamp() + execution_timeout_ms * interval '1 millisecond', \
@@ -238,7 +239,8 @@ impl Store {
                WHERE j.lease_id = i.in_lease AND j.state = 'leased' \
                  AND (NOT i.only_if_expired OR j.lease_expires_at <= clock_timestamp()) \
                  AND (i.action IN ('succeed', 'fail') OR j.cancel_requested) \
-               RETURNING j.*, i.action, i.new_result, i.error), \
+               RETURNING j.*, i.action, i.new_result, i.error, \
+                 extract(epoch FROM clock_timestamp() - j.leased_at)::float8 AS held_s), \
              finished AS ( \
                INSERT INTO finished_jobs (",
             carried_columns!(),
@@ -248,7 +250,7 @@ impl Store {
                  CASE WHEN cancel_requested THEN 'cancelled' WHEN action = 'succeed' THEN 'succeeded' \
                       ELSE 'failed' END, \
                  clock_timestamp(), CASE WHEN action = 'succeed' AND NOT cancel_requested THEN new_result END \
-               FROM ended RETURNING lease_id, id, state), \
+               FROM ended RETURNING id, state), \
              requeued AS ( \
                UPDATE jobs j SET state = 'queued', \
                  run_at = clock_timestamp() + i.delay_ms * interval '1 millisecond', \
@@ -259,8 +261,10 @@ impl Store {
                WHERE j.lease_id = i.in_lease AND j.state = 'leased' \
                  AND (NOT i.only_if_expired OR j.lease_expires_at <= clock_timestamp()) \
                  AND i.action IN ('retry', 'release') AND NOT j.cancel_requested \
-               RETURNING i.in_lease AS lease_id, j.id, j.state) \
-             SELECT lease_id, id, state FROM finished UNION ALL SELECT lease_id, id, state FROM requeued"
+               RETURNING i.in_lease AS lease_id, j.id, j.state, j.queue, \
+                 extract(epoch FROM clock_timestamp() - j.leased_at)::float8 AS held_s) \
+             SELECT e.lease_id, id, f.state, e.queue, e.held_s FROM finished f JOIN ended e USING (id) \
+             UNION ALL SELECT lease_id, id, state, queue, held_s FROM requeued"
         ))
         .bind(items.iter().map(|i| i.lease_id).collect::<Vec<_>>())
         .bind(actions)
@@ -276,6 +280,8 @@ impl Store {
                     lease_id: row.try_get("lease_id")?,
                     job_id: row.try_get("id")?,
                     state: rows::job_state(row, "state")?,
+                    queue: row.try_get("queue")?,
+                    held: row.try_get::<Option<f64>, _>("held_s")?.map(|s| Duration::from_secs_f64(s.max(0.0))),
                 })
             })
             .collect::<Result<_, sqlx::Error>>()
@@ -403,14 +409,16 @@ async fn insert_and_notify<'e>(executor: impl PgExecutor<'e>, jobs: &[NewJob], n
         "WITH inserted AS ( \
            INSERT INTO jobs (id, queue, kind, payload, priority, run_at, max_attempts, lease_ttl_ms, \
              execution_timeout_ms, idempotency_key, initial_backoff_ms, max_backoff_ms, backoff_multiplier, \
-             metadata, created_at) \
+             metadata, created_at, traceparent, tracestate) \
            SELECT id, queue, kind, payload, priority, COALESCE(run_at, now()), max_attempts, lease_ttl_ms, \
              execution_timeout_ms, idempotency_key, initial_backoff_ms, max_backoff_ms, backoff_multiplier, \
-             metadata, now() \
+             metadata, now(), traceparent, tracestate \
            FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[], $5::int[], $6::timestamptz[], $7::int[], \
-             $8::bigint[], $9::bigint[], $10::text[], $11::bigint[], $12::bigint[], $13::float8[], $14::jsonb[]) \
+             $8::bigint[], $9::bigint[], $10::text[], $11::bigint[], $12::bigint[], $13::float8[], $14::jsonb[], \
+             $17::text[], $18::text[]) \
            AS t(id, queue, kind, payload, priority, run_at, max_attempts, lease_ttl_ms, execution_timeout_ms, \
-             idempotency_key, initial_backoff_ms, max_backoff_ms, backoff_multiplier, metadata)) \
+             idempotency_key, initial_backoff_ms, max_backoff_ms, backoff_multiplier, metadata, traceparent, \
+             tracestate)) \
          SELECT pg_notify($15, $16)",
     )
     .bind(jobs.iter().map(|j| j.id).collect::<Vec<_>>())
@@ -429,6 +437,8 @@ async fn insert_and_notify<'e>(executor: impl PgExecutor<'e>, jobs: &[NewJob], n
     .bind(metadata)
     .bind(super::ENQUEUED_CHANNEL)
     .bind(notify)
+    .bind(jobs.iter().map(|j| j.trace.as_ref().map(|t| t.traceparent.as_str())).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|j| j.trace.as_ref().and_then(|t| t.tracestate.as_deref())).collect::<Vec<_>>())
     .execute(executor)
     .await?;
     Ok(())

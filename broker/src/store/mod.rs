@@ -9,13 +9,15 @@ mod jobs;
 
 pub use admin::SessionRecord;
 pub use jobs::{Inserted, KeyHolder, NewKey};
+pub use stats::{PoolUse, QueueDepth};
 mod rows;
+mod stats;
 
-use std::time::Duration;
+use std::{str::FromStr as _, time::Duration};
 
 use sqlx::{
     PgPool,
-    postgres::{PgListener, PgPoolOptions},
+    postgres::{PgConnectOptions, PgListener, PgPoolOptions},
 };
 
 use crate::{config::Settings, error::Result};
@@ -45,18 +47,30 @@ pub struct Notification {
 }
 
 impl Store {
-    /// A pool that connects on demand, so the broker starts (NOT_SERVING) while Postgres is down.
+    /// A pool that connects on demand, so the broker starts (NOT_SERVING) while Postgres is down. Every
+    /// connection runs with `statement_timeout`, so no statement holds a connection (and its locks) for long.
     pub fn connect_lazy(settings: &Settings) -> Result<Store> {
+        let options = PgConnectOptions::from_str(&settings.database_url)?
+            .options([("statement_timeout", format!("{}ms", millis(settings.statement_timeout)))]);
         let pool = PgPoolOptions::new()
             .max_connections(settings.db_pool_size)
             .acquire_timeout(settings.db_acquire_timeout)
-            .connect_lazy(&settings.database_url)?;
+            .connect_lazy_with(options);
         Ok(Store { pool })
     }
 
     /// Applies pending migrations under sqlx's advisory lock, so replicas starting together are safe.
+    /// Migrations may rightly outlast `statement_timeout` (an index on a big table): they run on a connection
+    /// of their own without it (a later `-c` option wins).
     pub async fn migrate(&self) -> Result<()> {
-        MIGRATOR.run(&self.pool).await.map_err(|e| match e {
+        let options = (*self.pool.connect_options()).clone().options([("statement_timeout", "0")]);
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(self.pool.options().get_acquire_timeout())
+            .connect_lazy_with(options);
+        let migrated = MIGRATOR.run(&pool).await;
+        pool.close().await;
+        migrated.map_err(|e| match e {
             sqlx::migrate::MigrateError::Execute(e) => e.into(),
             other => crate::error::Error::Internal(other.to_string()),
         })

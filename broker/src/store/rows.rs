@@ -7,13 +7,14 @@ use std::{collections::BTreeMap, time::Duration};
 
 use sqlx::{Row, postgres::PgRow, types::Json};
 
-use crate::model::{Job, JobSpec, JobState, LeaseFacts, Progress, RetryPolicy};
+use crate::model::{Job, JobSpec, JobState, LeaseFacts, Progress, RetryPolicy, TraceContext};
 
 /// Columns fixed at enqueue: what a job is, as opposed to how its attempts went.
 macro_rules! spec_columns {
     () => {
         "id, queue, kind, payload, priority, run_at, max_attempts, lease_ttl_ms, execution_timeout_ms, \
-         idempotency_key, initial_backoff_ms, max_backoff_ms, backoff_multiplier, metadata, created_at"
+         idempotency_key, initial_backoff_ms, max_backoff_ms, backoff_multiplier, metadata, created_at, \
+         traceparent, tracestate"
     };
 }
 
@@ -33,7 +34,7 @@ macro_rules! live_job {
         concat!(
             $crate::store::rows::carried_columns!(),
             ", last_error, state, lease_expires_at, cancel_requested, NULL::timestamptz AS finished_at, \
-             NULL::bytea AS result"
+             NULL::bytea AS result, leased_at"
         )
     };
 }
@@ -43,8 +44,22 @@ macro_rules! finished_job {
     () => {
         concat!(
             $crate::store::rows::carried_columns!(),
-            ", last_error, state, NULL::timestamptz AS lease_expires_at, false AS cancel_requested, finished_at, result"
+            ", last_error, state, NULL::timestamptz AS lease_expires_at, false AS cancel_requested, finished_at, result, \
+             NULL::timestamptz AS leased_at"
         )
+    };
+}
+
+/// Live jobs per queue: `queued` (due), `scheduled`, `leased`, and `oldest`, the earliest due `run_at` of a QUEUED
+/// job. The statement adds any `WHERE` and the `GROUP BY queue`.
+macro_rules! live_depths {
+    () => {
+        "SELECT queue, \
+           count(*) FILTER (WHERE state = 'queued' AND run_at <= clock_timestamp()) AS queued, \
+           count(*) FILTER (WHERE state = 'queued' AND run_at > clock_timestamp()) AS scheduled, \
+           count(*) FILTER (WHERE state = 'leased') AS leased, \
+           min(run_at) FILTER (WHERE state = 'queued' AND run_at <= clock_timestamp()) AS oldest \
+         FROM jobs"
     };
 }
 
@@ -56,7 +71,7 @@ macro_rules! lease_facts {
     };
 }
 
-pub(super) use {carried_columns, finished_job, lease_facts, live_job, spec_columns};
+pub(super) use {carried_columns, finished_job, lease_facts, live_depths, live_job, spec_columns};
 
 fn duration(ms: i64) -> Duration {
     Duration::from_millis(u64::try_from(ms).unwrap_or(0))
@@ -88,6 +103,10 @@ pub(super) fn job(row: &PgRow) -> Result<Job, sqlx::Error> {
         }),
         None => None,
     };
+    let trace = match row.try_get::<Option<String>, _>("traceparent")? {
+        Some(traceparent) => Some(TraceContext { traceparent, tracestate: row.try_get("tracestate")? }),
+        None => None,
+    };
     Ok(Job {
         id: row.try_get("id")?,
         spec: JobSpec {
@@ -114,6 +133,8 @@ pub(super) fn job(row: &PgRow) -> Result<Job, sqlx::Error> {
         result: row.try_get("result")?,
         progress,
         cancel_requested: row.try_get("cancel_requested")?,
+        leased_at: row.try_get("leased_at")?,
+        trace,
     })
 }
 

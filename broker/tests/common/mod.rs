@@ -8,6 +8,7 @@
 
 #![allow(dead_code)] // every test binary compiles this module and uses a different part of it
 
+pub mod tls;
 pub mod worker;
 
 use std::{
@@ -19,7 +20,7 @@ use std::{
 };
 
 use broker::{
-    config::Settings,
+    config::{MetricsListen, Settings},
     devdb::{self, LocalPostgres, PgOptions},
 };
 use jobbroker::v1::broker_service_client::BrokerServiceClient;
@@ -93,8 +94,12 @@ pub fn init_tracing() {
 /// A broker served in-process by `broker::serve` on 127.0.0.1 and a port the OS chose.
 pub struct TestBroker {
     pub addr: SocketAddr,
+    /// The plaintext health-only port, when started with [`TestBroker::start_with_health_port`].
+    pub health_addr: Option<SocketAddr>,
     /// `http://{addr}`, for clients.
     pub url: String,
+    /// `http://127.0.0.1:{port}/metrics`: the broker's Prometheus endpoint, on a port of its own.
+    pub metrics_url: String,
     /// Sending on it, or dropping it, begins the broker's graceful shutdown.
     shutdown: Option<oneshot::Sender<()>>,
     /// The serving task; yields what `broker::serve` returned.
@@ -104,21 +109,36 @@ pub struct TestBroker {
 }
 
 impl TestBroker {
-    /// Serves `settings` (its `listen` is replaced by the address bound here) until stopped or dropped.
+    /// Serves `settings` (its `listen` and `metrics` are replaced by addresses bound here) until stopped or dropped.
     pub async fn start(settings: Settings) -> TestBroker {
         TestBroker::start_on(settings, SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0))).await
     }
 
+    /// Like [`TestBroker::start`], plus a plaintext health-only port (`--health-listen`) on another free port.
+    pub async fn start_with_health_port(settings: Settings) -> TestBroker {
+        let health = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await.expect("a free port");
+        let grpc = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await.expect("a free port");
+        TestBroker::launch(settings, grpc, Some(health))
+    }
+
     /// Like [`TestBroker::start`] but on `addr`: pass an earlier broker's `addr` to restart "the same" broker
     /// where its clients reconnect. Retries the bind for a few seconds while the port is still being released.
-    pub async fn start_on(mut settings: Settings, addr: SocketAddr) -> TestBroker {
-        init_tracing();
+    pub async fn start_on(settings: Settings, addr: SocketAddr) -> TestBroker {
         let listener = wait_for(&format!("binding {addr}"), Duration::from_secs(5), || async move {
             TcpListener::bind(addr).await.ok()
         })
         .await;
+        TestBroker::launch(settings, listener, None)
+    }
+
+    fn launch(mut settings: Settings, listener: TcpListener, health: Option<TcpListener>) -> TestBroker {
+        init_tracing();
         let addr = listener.local_addr().expect("the bound address");
+        let health_addr = health.as_ref().map(|health| health.local_addr().expect("the bound address"));
         settings.listen = addr;
+        let metrics = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).expect("a metrics port");
+        let metrics_url = format!("http://{}/metrics", metrics.local_addr().expect("the bound address"));
+        settings.metrics = MetricsListen::Bound(metrics.into());
         let stop_timeout = settings.shutdown_grace + Duration::from_secs(10);
         let (shutdown, shutdown_requested) = oneshot::channel::<()>();
         let shutdown_requested = async move {
@@ -126,13 +146,22 @@ impl TestBroker {
             let _ = shutdown_requested.await;
         };
         let handle = tokio::spawn(async move {
-            let result = broker::serve(listener, settings, shutdown_requested).await;
+            let listeners = broker::Listeners { grpc: listener, health };
+            let result = broker::serve(listeners, settings, shutdown_requested).await;
             if let Err(error) = &result {
                 tracing::error!(%addr, error = format!("{error:#}"), "test broker failed");
             }
             result
         });
-        TestBroker { addr, url: format!("http://{addr}"), shutdown: Some(shutdown), handle: Some(handle), stop_timeout }
+        TestBroker {
+            addr,
+            health_addr,
+            url: format!("http://{addr}"),
+            metrics_url,
+            shutdown: Some(shutdown),
+            handle: Some(handle),
+            stop_timeout,
+        }
     }
 
     /// A `BrokerService` client connected with `jobbroker::client::connect`, as users connect.

@@ -1,5 +1,5 @@
-//! The `exec` handler: runs a command per job in its own process group, the payload on stdin, the job's ids and
-//! metadata in the environment; the exit code decides the outcome, stdout is the result.
+//! The `exec` handler: runs a command per job in its own process group, the payload on stdin, the job's ids,
+//! metadata and trace context in the environment; the exit code decides the outcome, stdout is the result.
 //!
 //! Progress protocol: a line `##jobbroker:progress <percent> <message>` on stderr is forwarded on the next
 //! heartbeat (and kept out of the error text). When the job must stop, the whole process group is SIGKILLed at
@@ -66,6 +66,13 @@ impl Exec {
             .env("JOB_LEASE_ID", job.lease_id());
         for (key, value) in job.metadata() {
             command.env(format!("JOB_META_{}", env_name(key)), value);
+        }
+        // The job's W3C trace context under the names OpenTelemetry's environment carrier uses; never the agent's own.
+        for (name, value) in [("TRACEPARENT", job.traceparent()), ("TRACESTATE", job.tracestate())] {
+            match value {
+                Some(value) => command.env(name, value),
+                None => command.env_remove(name),
+            };
         }
         command.envs(&self.spec.env);
         command

@@ -110,8 +110,9 @@ impl Target {
     }
 }
 
-/// `X-Job-Id`, `X-Job-Kind`, `X-Job-Queue`, `X-Job-Attempt`, `X-Job-Lease-Id` and `X-Job-Meta-<key>` per
-/// metadata entry (characters not allowed in a header name become `-`; values that cannot be headers are left out).
+/// `X-Job-Id`, `X-Job-Kind`, `X-Job-Queue`, `X-Job-Attempt`, `X-Job-Lease-Id`, the W3C `traceparent` and
+/// `tracestate` when the job has them, and `X-Job-Meta-<key>` per metadata entry (characters not allowed in a header
+/// name become `-`; values that cannot be headers are left out).
 fn job_headers(job: &ActiveJob) -> HeaderMap {
     let mut headers = HeaderMap::new();
     let fixed = [
@@ -120,8 +121,10 @@ fn job_headers(job: &ActiveJob) -> HeaderMap {
         ("x-job-queue", job.queue().to_owned()),
         ("x-job-attempt", job.attempt().to_string()),
         ("x-job-lease-id", job.lease_id().to_owned()),
+        ("traceparent", job.traceparent().unwrap_or_default().to_owned()),
+        ("tracestate", job.tracestate().unwrap_or_default().to_owned()),
     ];
-    for (name, value) in fixed {
+    for (name, value) in fixed.into_iter().filter(|(_, value)| !value.is_empty()) {
         if let Ok(value) = HeaderValue::from_str(&value) {
             headers.insert(HeaderName::from_static(name), value);
         }

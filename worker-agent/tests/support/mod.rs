@@ -58,10 +58,13 @@ pub async fn start_broker() -> TestBroker {
     TestBroker::start(fast_settings(test_database().await)).await
 }
 
-/// A running `worker-agent` process (the real binary). Dropping it kills it and the processes it started.
+/// A running `worker-agent` process (the real binary), or another worker process started with [`spawn_process`].
+/// Dropping it kills it and the processes it started.
 pub struct Agent {
     child: Child,
     pid: u32,
+    /// What it is called in panic messages and printed logs (`worker-agent`, `python worker.py`).
+    name: String,
     /// Where the agent's stdout and stderr go; printed if the test panics while the agent is alive.
     log: tempfile::NamedTempFile,
     /// Processes started under the agent, noted each time it was signalled (a killed agent's job processes are
@@ -74,21 +77,28 @@ pub struct Agent {
 /// (`NO_COLOR=1`) unless `envs` says otherwise.
 /// Example: `spawn_agent(&broker.url, &["--queue", "q", "--exec", "cat"], &[])`.
 pub fn spawn_agent(broker_url: &str, args: &[&str], envs: &[(&str, &str)]) -> Agent {
-    let log = tempfile::Builder::new().prefix("worker-agent-").suffix(".log").tempfile().expect("a log file");
-    let stderr = log.reopen().expect("reopening the log file");
-    let stdout = stderr.try_clone().expect("cloning the log file handle");
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_worker-agent"));
     command.arg("--broker").arg(broker_url).args(args);
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("JOBBROKER_") {
-            command.env_remove(name);
+    command.env("RUST_LOG", "info").env("NO_COLOR", "1").envs(envs.iter().copied());
+    spawn_process("worker-agent", command)
+}
+
+/// Starts `command` (any worker: the agent, a Python or Node worker) as an [`Agent`] called `name`, with stdin
+/// closed, stdout and stderr in its log, and no `JOBBROKER_*` variable inherited from the test process.
+pub fn spawn_process(name: &str, mut command: tokio::process::Command) -> Agent {
+    let log = tempfile::Builder::new().prefix("worker-").suffix(".log").tempfile().expect("a log file");
+    let stderr = log.reopen().expect("reopening the log file");
+    let stdout = stderr.try_clone().expect("cloning the log file handle");
+    let explicit: Vec<_> = command.as_std().get_envs().map(|(variable, _)| variable.to_owned()).collect();
+    for (variable, _) in std::env::vars_os() {
+        if variable.to_string_lossy().starts_with("JOBBROKER_") && !explicit.contains(&variable) {
+            command.env_remove(variable);
         }
     }
-    command.env("RUST_LOG", "info").env("NO_COLOR", "1").envs(envs.iter().copied());
     command.stdin(Stdio::null()).stdout(stdout).stderr(stderr).kill_on_drop(true);
-    let child = command.spawn().expect("starting the worker-agent binary");
+    let child = command.spawn().unwrap_or_else(|e| panic!("starting {name}: {e}"));
     let pid = child.id().expect("a running child has a pid");
-    Agent { child, pid, log, strays: Vec::new() }
+    Agent { child, pid, name: name.to_owned(), log, strays: Vec::new() }
 }
 
 impl Agent {
@@ -109,7 +119,7 @@ impl Agent {
     pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         match tokio::time::timeout(timeout, self.child.wait()).await {
             Ok(status) => status.expect("waiting for the agent"),
-            Err(_) => panic!("worker-agent {} did not exit within {timeout:?}", self.pid),
+            Err(_) => panic!("{} {} did not exit within {timeout:?}", self.name, self.pid),
         }
     }
 
@@ -128,7 +138,7 @@ impl Agent {
 
     /// Waits until the agent's log contains `needle`; panics after `timeout`.
     pub async fn wait_for_log(&self, needle: &str, timeout: Duration) {
-        wait_for(&format!("\"{needle}\" in the log of worker-agent {}", self.pid), timeout, || async move {
+        wait_for(&format!("\"{needle}\" in the log of {} {}", self.name, self.pid), timeout, || async move {
             self.log().contains(needle).then_some(())
         })
         .await
@@ -157,7 +167,8 @@ impl Drop for Agent {
         }
         if std::thread::panicking() {
             eprintln!(
-                "---- worker-agent {} log ({}) ----\n{}---- end of log ----",
+                "---- {} {} log ({}) ----\n{}---- end of log ----",
+                self.name,
                 self.pid,
                 self.log.path().display(),
                 self.log()

@@ -1,0 +1,76 @@
+//! The real `worker-agent` binary against a broker that requires bearer tokens and mutual TLS: with its token
+//! (from the environment), the CA and a client certificate it runs jobs; with a wrong token it is refused, says so
+//! in its log and gets no job. Certificates are made by the test.
+
+mod support;
+
+use std::time::Duration;
+
+use broker::{auth::Role, config::Tls};
+use jobbroker::{client::ConnectOptions, v1 as pb};
+use support::{common::tls::TestPki, *};
+use tokio_stream::StreamExt as _;
+
+const WORKER_TOKEN: &str = "agent-token-5e1f";
+const PRODUCER_TOKEN: &str = "producer-token-9a3b";
+const SOON: Duration = Duration::from_secs(20);
+
+/// Watches job `id` until it ends; the last state seen.
+async fn watch_to_the_end(options: &ConnectOptions, url: &str, id: &str) -> pb::Job {
+    let mut client = options.connect(url.to_owned()).await.expect("the producer connects");
+    let mut changes = client.watch_job(pb::WatchJobRequest { id: id.into() }).await.expect("watch").into_inner();
+    let last = async {
+        let mut last = None;
+        while let Some(change) = changes.next().await {
+            last = change.expect("a healthy watch").job;
+        }
+        last
+    };
+    tokio::time::timeout(SOON, last).await.expect("the job ends in time").expect("the watch sent the job")
+}
+
+#[tokio::test]
+async fn the_agent_works_with_a_token_and_mutual_tls() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().expect("a scratch directory");
+    let file = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("written");
+        path.to_str().expect("a UTF-8 path").to_owned()
+    };
+    let (ca, cert, key) =
+        (file("ca.pem", &pki.ca), file("client.pem", &pki.client.cert), file("client.key", &pki.client.key));
+
+    let mut settings = fast_settings(test_database().await);
+    settings.security.tokens.add(Role::Worker, WORKER_TOKEN, "test").expect("a valid token");
+    settings.security.tokens.add(Role::Producer, PRODUCER_TOKEN, "test").expect("a valid token");
+    settings.security.tls = Some(Tls {
+        cert_pem: pki.server.cert.clone().into_bytes(),
+        key_pem: pki.server.key.clone().into_bytes(),
+        client_ca_pem: Some(pki.ca.clone().into_bytes()),
+    });
+    let broker = TestBroker::start(settings).await;
+    let url = format!("https://localhost:{}", broker.addr.port());
+    let producer = ConnectOptions::default()
+        .with_token(PRODUCER_TOKEN)
+        .expect("a valid token")
+        .with_ca_pem(pki.ca.as_bytes())
+        .with_client_identity(pki.client.cert.as_bytes(), pki.client.key.as_bytes());
+
+    let tls_flags = ["--tls-ca", &ca, "--tls-client-cert", &cert, "--tls-client-key", &key];
+    let mut args = vec!["--queue", "secure", "--exec", "tr a-z A-Z", "--worker-id", "intruder"];
+    args.extend(tls_flags);
+    let intruder = spawn_agent(&url, &args, &[("JOBBROKER_TOKEN", "not-a-known-token")]);
+    intruder.wait_for_log("the bearer token is not one this broker knows", SOON).await;
+
+    let mut client = producer.connect(url.clone()).await.expect("the producer connects");
+    let jobs = vec![pb::JobSpec::new("secure", "shout", b"hello".to_vec())];
+    let id = client.enqueue(pb::EnqueueRequest { jobs }).await.expect("enqueued").into_inner().jobs[0].id.clone();
+
+    args[5] = "trusted";
+    let _agent = spawn_agent(&url, &args, &[("JOBBROKER_TOKEN", WORKER_TOKEN)]);
+    let job = watch_to_the_end(&producer, &url, &id).await;
+    assert_eq!((job.state(), job.result.as_slice()), (pb::JobState::Succeeded, b"HELLO".as_slice()));
+    assert_eq!(job.worker_id, "trusted", "only the agent with a valid token ran it");
+    broker.stop().await;
+}

@@ -160,12 +160,12 @@ fn main() -> anyhow::Result<()> {
     tokio::runtime::Runtime::new()?.block_on(measure(args))
 }
 
-/// The broker child: exactly what the `broker` binary's `main` does.
+/// The broker child: what the `broker` binary's `main` does (text logs, to stderr: stdout carries the report).
 fn serve_broker(args: Vec<String>) -> anyhow::Result<()> {
     use clap::Parser as _;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn".into());
-    tracing_subscriber::fmt().with_env_filter(filter).init();
     let cli = broker::config::Cli::parse_from(std::iter::once("broker".to_owned()).chain(args));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn".into());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     tokio::runtime::Runtime::new()?.block_on(broker::run(cli))
 }
 
@@ -191,7 +191,10 @@ async fn measure(args: Args) -> anyhow::Result<()> {
     }
     if let Some(script) = &args.peer {
         eprintln!("bench: peer {}…", script.display());
-        figures.extend(peer::run(script, &server_url, sizes.jobs).await?);
+        match peer::run(script, &server_url, sizes.jobs).await {
+            Ok(measured) => figures.extend(measured),
+            Err(error) => failed.push(format!("peer: {error:#}")),
+        }
     }
     figures.extend(report::derived(&figures));
     report::print(&figures, args.json);

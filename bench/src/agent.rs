@@ -1,17 +1,11 @@
-//! `bench --agent PATH`: what the worker agent costs, measured on the real binary against the in-process broker:
+//! `bench --agent PATH`: what the worker agent costs, measured on the real binary against a broker child:
 //! its resident memory once connected and idle, and jobs/s through `--exec true` and through `--http` to a
 //! minimal local HTTP server (both at `--agent-capacity`). A job's time runs from its enqueue to its completion
 //! as the database recorded them, so the figure includes the broker's round trips, not just the agent's work.
 
-use std::{
-    net::SocketAddr,
-    path::Path,
-    process::Stdio,
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, path::Path, process::Stdio, time::Duration};
 
 use anyhow::Context as _;
-use jobbroker::v1 as pb;
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
     net::{TcpListener, TcpStream},
@@ -19,41 +13,31 @@ use tokio::{
     task::{JoinHandle, JoinSet},
 };
 
-use super::{Figure, query};
+use crate::{
+    drain, enqueue,
+    env::Env,
+    report::Figure,
+    usage::{self, Proc},
+};
 
-pub async fn run(
-    address: &str,
-    database_url: &str,
-    agent: &Path,
-    jobs: usize,
-    capacity: u32,
-) -> anyhow::Result<Vec<Figure>> {
+pub async fn run(env: &Env, agent: &Path, jobs: usize, capacity: u32) -> anyhow::Result<Vec<Figure>> {
+    let address = env.address.as_str();
     let mut figures = Vec::new();
 
     let mut running = Agent::start(agent, address, "agent-exec", capacity, &["--exec", "true"]).await?;
-    figures.push(Figure {
-        name: "worker-agent RSS, connected and idle".into(),
-        value: running.rss("VmRSS")?,
-        unit: "MiB",
-    });
+    figures.push(Figure::new("agent.rss", "worker-agent RSS, connected and idle", running.rss("VmRSS")?, "MiB"));
     let cpu = running.cpu_seconds()?;
-    figures.push(
-        throughput(address, database_url, "agent-exec", jobs, &format!("exec `true`, capacity {capacity}")).await?,
-    );
+    figures.push(throughput(env, "agent-exec", jobs, &format!("exec `true`, capacity {capacity}")).await?);
     figures.push(running.cpu_per_job("exec", cpu, jobs)?);
-    figures.push(Figure {
-        name: "worker-agent peak RSS after the exec run".into(),
-        value: running.rss("VmHWM")?,
-        unit: "MiB",
-    });
+    let peak = running.rss("VmHWM")?;
+    figures.push(Figure::new("agent.rss_peak", "worker-agent peak RSS after the exec run", peak, "MiB"));
     running.stop().await?;
 
     let (server, http) = http_server().await?;
     let url = format!("http://{server}/jobs");
     let mut running = Agent::start(agent, address, "agent-http", capacity, &["--http", &url]).await?;
     let cpu = running.cpu_seconds()?;
-    let result =
-        throughput(address, database_url, "agent-http", jobs, &format!("http POST, capacity {capacity}")).await;
+    let result = throughput(env, "agent-http", jobs, &format!("http POST, capacity {capacity}")).await;
     let cpu = running.cpu_per_job("http", cpu, jobs);
     running.stop().await?;
     http.abort();
@@ -97,44 +81,28 @@ impl Agent {
         Ok(Agent { child, logs })
     }
 
-    /// `VmRSS` (now) or `VmHWM` (peak) from /proc, in MiB.
+    fn proc(&self) -> anyhow::Result<Proc> {
+        self.child.id().map(Proc).context("the agent has exited")
+    }
+
     fn rss(&self, field: &str) -> anyhow::Result<f64> {
-        let pid = self.child.id().context("the agent's pid")?;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-        let kib: f64 = status
-            .lines()
-            .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
-            .and_then(|value| value.trim().strip_suffix("kB")?.trim().parse().ok())
-            .with_context(|| format!("{field} in /proc/{pid}/status"))?;
-        Ok(kib / 1024.0)
+        self.proc()?.memory(field)
     }
 
     /// User and system CPU time of the agent process itself (not of the commands it ran), in seconds.
     fn cpu_seconds(&self) -> anyhow::Result<f64> {
-        let pid = self.child.id().context("the agent's pid")?;
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-        // Fields after the parenthesised command name: state is field 3, utime 14 and stime 15 (proc(5)).
-        let fields: Vec<&str> = stat.rsplit_once(')').context("/proc/pid/stat")?.1.split_whitespace().collect();
-        let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
-        let per_second = std::process::Command::new("getconf").arg("CLK_TCK").output()?;
-        Ok(ticks / String::from_utf8(per_second.stdout)?.trim().parse::<f64>()?)
+        self.proc()?.cpu_seconds()
     }
 
     fn cpu_per_job(&self, what: &str, before: f64, jobs: usize) -> anyhow::Result<Figure> {
         let used = self.cpu_seconds()? - before;
-        Ok(Figure {
-            name: format!("worker-agent CPU per {what} job (itself)"),
-            value: used * 1e6 / jobs as f64,
-            unit: "µs",
-        })
+        let name = format!("worker-agent CPU per {what} job (itself)");
+        Ok(Figure::new(format!("agent.{what}_cpu"), name, used * 1e6 / jobs as f64, "µs"))
     }
 
     /// SIGTERM, and the agent must exit 0 (it drains: nothing is running by now).
     async fn stop(&mut self) -> anyhow::Result<()> {
-        let pid = self.child.id().context("the agent's pid")?;
-        let sent = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await?;
-        anyhow::ensure!(sent.success(), "kill -TERM {pid} failed");
-        let status = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await.context("drain")??;
+        let status = usage::terminate(&mut self.child, Duration::from_secs(10)).await?;
         self.logs.abort();
         anyhow::ensure!(status.success(), "the agent exited with {status} after SIGTERM");
         Ok(())
@@ -147,32 +115,19 @@ async fn drop_lines(mut lines: tokio::io::Lines<BufReader<ChildStderr>>) {
 
 /// Enqueues `jobs` jobs on `queue` (batches of 1000) and waits until all succeeded; the rate is taken from the
 /// first enqueue to the last completion as the database recorded them.
-async fn throughput(address: &str, database_url: &str, queue: &str, jobs: usize, what: &str) -> anyhow::Result<Figure> {
-    let mut client = super::connect(address).await?;
-    for first in (0..jobs).step_by(1000) {
-        let batch = (first..(first + 1000).min(jobs)).map(|i| pb::JobSpec::new(queue, "noop", i.to_string())).collect();
-        client.enqueue(pb::EnqueueRequest { jobs: batch }).await?;
-    }
-    let deadline = Instant::now() + Duration::from_secs(600);
-    let counted = format!("SELECT count(*) FROM finished_jobs WHERE queue = '{queue}'");
-    while query(database_url, &counted)?.parse::<usize>()? < jobs {
-        anyhow::ensure!(Instant::now() < deadline, "{queue}: the jobs did not finish within 10 minutes");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let summary = query(
-        database_url,
-        &format!(
-            "SELECT count(*) FILTER (WHERE state = 'succeeded'), \
-             extract(epoch FROM max(finished_at) - min(created_at)) FROM finished_jobs WHERE queue = '{queue}'"
-        ),
-    )?;
-    let (succeeded, seconds) = summary.split_once('|').context("count|seconds")?;
-    anyhow::ensure!(succeeded.parse::<usize>()? == jobs, "{queue}: only {succeeded} of {jobs} jobs succeeded");
-    Ok(super::rate(
-        format!("worker-agent: {jobs} jobs through {what}"),
-        jobs,
-        Duration::from_secs_f64(seconds.parse()?),
-    ))
+async fn throughput(env: &Env, queue: &str, jobs: usize, what: &str) -> anyhow::Result<Figure> {
+    enqueue::batches(env, queue, jobs, 1000).await?;
+    drain::wait_finished(&env.pool, queue, jobs, drain::PATIENCE).await?;
+    let (succeeded, seconds): (i64, f64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE state = 'succeeded'), \
+           extract(epoch FROM max(finished_at) - min(created_at))::float8 FROM finished_jobs WHERE queue = $1",
+    )
+    .bind(queue)
+    .fetch_one(&env.pool)
+    .await?;
+    anyhow::ensure!(succeeded as usize == jobs, "{queue}: only {succeeded} of {jobs} jobs succeeded");
+    let name = format!("worker-agent: {jobs} jobs through {what}");
+    Ok(Figure::rate(&format!("agent.{queue}"), name, jobs, Duration::from_secs_f64(seconds)))
 }
 
 /// The least HTTP/1.1 server that answers every request `200 ok` on a kept-alive connection: the endpoint of the

@@ -1,64 +1,55 @@
-//! `bench`: drives a real broker over real gRPC and prints what it measured.
+//! `bench`: drives a real broker over real gRPC and prints what it measured, beside the bar of the performance
+//! issue and the database's own limit on the same Postgres.
 //!
-//! It starts its own durable Postgres (or uses `DATABASE_URL`), creates a fresh database, serves a broker
-//! in-process on a free port and runs each scenario against it: enqueue throughput, drain throughput, pickup
-//! latency and re-lease time after a killed worker. Figures are printed as a table, or JSON with `--json`.
-//! It asserts nothing: it is a measuring instrument, not a test.
+//! It starts its own durable Postgres (or uses `DATABASE_URL`) and, for each scenario, a fresh database and a
+//! broker child process serving it (see [`env`]). Scenarios: the database limit in raw SQL, enqueue, drain,
+//! pickup latency, steady state, re-lease after a lost worker, fan-out to idle streams, and drain under a large
+//! backlog. `--peer run.sh` runs graphile-worker's benchmark on the same Postgres right after, for ratios.
+//! `--smoke` runs everything at toy sizes in seconds (CI). It asserts nothing about speed: it is a measuring
+//! instrument, not a test.
 
 mod agent;
+mod backlog;
+mod drain;
+mod enqueue;
+mod env;
+mod fanout;
+mod latency;
+mod peer;
+mod rawsql;
+mod relelease;
+mod report;
+mod steady;
+mod usage;
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
-    time::{Duration, Instant},
-};
+use std::{path::PathBuf, time::Duration};
 
-use anyhow::Context as _;
-use broker::{
-    config::Settings,
-    devdb::{self, LocalPostgres, PgOptions},
-};
-use clap::Parser;
-use jobbroker::v1::{self as pb, broker_service_client::BrokerServiceClient, lease_request, lease_response};
-use tokio::{net::TcpListener, sync::mpsc, task::JoinSet};
-use tokio_stream::{StreamExt, wrappers::ReceiverStream};
-use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
+use clap::{Parser, Subcommand, ValueEnum};
 
-type Client = BrokerServiceClient<Channel>;
+use crate::{drain::Workers, env::Env, report::Figure};
 
 #[derive(Debug, Parser)]
-#[command(about = "Measure jobbroker: enqueue and drain throughput, pickup latency, re-lease time")]
+#[command(about = "Measure jobbroker: enqueue, drain, latency, steady state, re-lease, fan-out, backlog")]
 struct Args {
+    #[command(subcommand)]
+    child: Option<Child>,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
-    /// Jobs in the drain backlog (also the batched-enqueue volume).
-    #[arg(long, default_value_t = 100_000)]
-    jobs: usize,
-    /// Single-job Enqueue RPCs.
-    #[arg(long, default_value_t = 20_000)]
-    single: usize,
-    /// Concurrent clients for single-job enqueues.
-    #[arg(long, default_value_t = 64)]
-    clients: usize,
-    /// Worker streams draining the backlog.
-    #[arg(long, default_value_t = 4)]
-    workers: usize,
-    /// Capacity of each draining worker stream.
-    #[arg(long, default_value_t = 500)]
-    capacity: u32,
-    /// Sequential jobs timed for pickup latency.
-    #[arg(long, default_value_t = 1000)]
-    latency_samples: usize,
-    /// Reconnect grace the broker gives a killed worker's leases.
-    #[arg(long, default_value = "5s", value_parser = humantime_duration)]
-    reconnect_grace: Duration,
+    /// Toy sizes, every scenario in seconds (for CI: proves the bench runs, measures nothing).
+    #[arg(long)]
+    smoke: bool,
+    /// Run only these scenarios (comma-separated); default all.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<Scenario>,
+    /// Afterwards, run this peer benchmark script (graphile-worker's run.sh) on the same Postgres and report ratios.
+    #[arg(long, value_name = "PATH")]
+    peer: Option<PathBuf>,
+    #[command(flatten)]
+    sizes: Sizes,
     /// Measure the worker-agent binary at this path instead (idle RSS, jobs/s through `--exec true` and `--http`).
     #[arg(long, value_name = "PATH")]
-    agent: Option<std::path::PathBuf>,
+    agent: Option<PathBuf>,
     /// Jobs per worker-agent run.
     #[arg(long, default_value_t = 2000)]
     agent_jobs: usize,
@@ -67,263 +58,169 @@ struct Args {
     agent_capacity: u32,
 }
 
-fn humantime_duration(text: &str) -> Result<Duration, String> {
-    let seconds = text.strip_suffix('s').ok_or("use seconds, like 5s")?;
-    seconds.parse::<f64>().map(Duration::from_secs_f64).map_err(|e| e.to_string())
+#[derive(Debug, Subcommand)]
+enum Child {
+    /// Internal: serve as the broker (`broker::run`, as the `broker` binary does); the bench starts itself so.
+    #[command(hide = true)]
+    Broker {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
-/// One measured figure.
-struct Figure {
-    name: String,
-    value: f64,
-    unit: &'static str,
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    Database,
+    Enqueue,
+    Drain,
+    Pickup,
+    Steady,
+    Relelease,
+    Fanout,
+    Backlog,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
-    tracing_subscriber::fmt().with_env_filter(filter).init();
-    let args = Args::parse();
-    let (server_url, _postgres) = database().await?;
-    let database = format!("bench_{}", std::process::id());
-    query(&server_url, &format!("CREATE DATABASE {database}"))?;
-    let url = format!("{}/{database}", server_url.rsplit_once('/').map_or(server_url.as_str(), |(base, _)| base));
+/// How much work each scenario does.
+#[derive(Debug, Clone, clap::Args)]
+struct Sizes {
+    /// Jobs drained (and enqueued in batches).
+    #[arg(long, default_value_t = 100_000)]
+    jobs: usize,
+    /// Single-job Enqueue RPCs (and single-row commits in the database limit).
+    #[arg(long, default_value_t = 20_000)]
+    single: usize,
+    /// Concurrent clients for single-job enqueues.
+    #[arg(long, default_value_t = 64)]
+    clients: usize,
+    /// Worker loops draining (each one connection and one Lease stream).
+    #[arg(long, default_value_t = 4)]
+    workers: usize,
+    /// Capacity of each draining worker loop.
+    #[arg(long, default_value_t = 500)]
+    capacity: u32,
+    /// Sequential jobs timed for pickup latency.
+    #[arg(long, default_value_t = 1000)]
+    latency_samples: usize,
+    /// Enqueue rate of the steady-state producer, jobs/s.
+    #[arg(long, default_value_t = 5000)]
+    steady_rate: u32,
+    /// Duration of the steady state.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    steady_for: Duration,
+    /// Reconnect grace the broker gives a killed worker's leases.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    reconnect_grace: Duration,
+    /// Lease TTL of the job a hung worker holds.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    hang_ttl: Duration,
+    /// Idle Lease streams in the fan-out scenario.
+    #[arg(long, default_value_t = 5000)]
+    streams: usize,
+    /// How long the idle broker's CPU is measured with the streams connected.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    idle_for: Duration,
+    /// Jobs already queued in the backlog scenario.
+    #[arg(long, default_value_t = 1_000_000)]
+    backlog: usize,
+}
 
-    let mut settings = Settings::with_database(url.clone());
-    settings.reconnect_grace = args.reconnect_grace;
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let address = format!("http://{}", listener.local_addr()?);
-    let stop = CancellationToken::new();
-    let served = tokio::spawn(broker::serve(listener, settings, stop.clone().cancelled_owned()));
-    let mut client = connect(&address).await?;
-
-    let mut figures = Vec::new();
-    if let Some(agent) = &args.agent {
-        figures = agent::run(&address, &url, agent, args.agent_jobs, args.agent_capacity).await?;
-    } else {
-        figures.push(enqueue_single(&address, args.single, args.clients).await?);
-        figures.push(enqueue_batches(&address, "batch100", args.jobs, 100).await?);
-        figures.push(enqueue_batches(&address, "drain", args.jobs, 1000).await?);
-        figures.push(drain(&address, "drain", args.jobs, args.workers, args.capacity).await?);
-        figures.extend(pickup_latency(&mut client, args.latency_samples).await?);
-        figures.push(relelease_after_kill(&address).await?);
+impl Sizes {
+    fn smoke() -> Sizes {
+        Sizes {
+            jobs: 2000,
+            single: 500,
+            clients: 8,
+            workers: 2,
+            capacity: 50,
+            latency_samples: 20,
+            steady_rate: 200,
+            steady_for: Duration::from_secs(1),
+            reconnect_grace: Duration::from_millis(300),
+            hang_ttl: Duration::from_millis(300),
+            streams: 50,
+            idle_for: Duration::from_millis(500),
+            backlog: 2000,
+        }
     }
 
-    stop.cancel();
-    served.await??;
-    query(&server_url, &format!("DROP DATABASE {database}"))?;
-    report(&figures, args.json);
+    fn workers(&self) -> Workers {
+        Workers { count: self.workers, capacity: self.capacity }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if let Some(Child::Broker { args }) = args.child {
+        return serve_broker(args);
+    }
+    // The worker loops warn "lease lost" for leases they completed while a heartbeat was on its way: noise here.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "warn,jobbroker::worker=error,sqlx=error".into());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tokio::runtime::Runtime::new()?.block_on(measure(args))
+}
+
+/// The broker child: what the `broker` binary's `main` does (text logs, to stderr: stdout carries the report).
+fn serve_broker(args: Vec<String>) -> anyhow::Result<()> {
+    use clap::Parser as _;
+    let cli = broker::config::Cli::parse_from(std::iter::once("broker".to_owned()).chain(args));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn".into());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tokio::runtime::Runtime::new()?.block_on(broker::run(cli))
+}
+
+async fn measure(args: Args) -> anyhow::Result<()> {
+    let (server_url, _postgres) = env::postgres().await?;
+    let sizes = if args.smoke { Sizes::smoke() } else { args.sizes.clone() };
+    let mut figures = Vec::new();
+    let mut failed = Vec::new();
+    if let Some(agent) = &args.agent {
+        let env = Env::start(&server_url, "agent", &[]).await?;
+        figures = agent::run(&env, agent, args.agent_jobs, args.agent_capacity).await?;
+        env.finish().await?;
+    } else {
+        for scenario in Scenario::value_variants() {
+            if args.only.is_empty() || args.only.contains(scenario) {
+                // One scenario failing (a broker bug, a timeout) should not hide what the others measured.
+                match run(*scenario, &server_url, &sizes).await {
+                    Ok(measured) => figures.extend(measured),
+                    Err(error) => failed.push(format!("{scenario:?}: {error:#}")),
+                }
+            }
+        }
+    }
+    if let Some(script) = &args.peer {
+        eprintln!("bench: peer {}…", script.display());
+        match peer::run(script, &server_url, sizes.jobs).await {
+            Ok(measured) => figures.extend(measured),
+            Err(error) => failed.push(format!("peer: {error:#}")),
+        }
+    }
+    figures.extend(report::derived(&figures));
+    report::print(&figures, args.json);
+    anyhow::ensure!(failed.is_empty(), "scenarios failed:\n{}", failed.join("\n"));
     Ok(())
 }
 
-/// `DATABASE_URL`, or a durable private Postgres started (or reused) in a scratch directory.
-async fn database() -> anyhow::Result<(String, Option<LocalPostgres>)> {
-    if let Ok(url) = std::env::var("DATABASE_URL") {
-        return Ok((url, None));
-    }
-    let postgres = tokio::task::spawn_blocking(|| {
-        LocalPostgres::start(&devdb::scratch_dir("bench-postgres"), 54340, &PgOptions::default())
-    })
-    .await??;
-    Ok((postgres.url(), Some(postgres)))
-}
-
-/// Runs one statement with `psql -tA`; its output (`a|b` for several columns).
-fn query(url: &str, sql: &str) -> anyhow::Result<String> {
-    let output = std::process::Command::new("psql").args([url, "-tAc", sql]).output().context("running psql")?;
-    anyhow::ensure!(output.status.success(), "psql failed: {sql}: {}", String::from_utf8_lossy(&output.stderr));
-    Ok(String::from_utf8(output.stdout)?.trim().to_owned())
-}
-
-async fn connect(address: &str) -> anyhow::Result<Client> {
-    for _ in 0..100 {
-        if let Ok(client) = jobbroker::client::connect(address.to_owned()).await {
-            return Ok(client);
+/// One scenario against a fresh database and broker.
+async fn run(scenario: Scenario, server_url: &str, sizes: &Sizes) -> anyhow::Result<Vec<Figure>> {
+    let flags = match scenario {
+        Scenario::Relelease => {
+            vec!["--reconnect-grace".into(), humantime::format_duration(sizes.reconnect_grace).to_string()]
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    anyhow::bail!("cannot connect to the broker at {address}")
-}
-
-fn spec(queue: &str, i: usize) -> pb::JobSpec {
-    pb::JobSpec::new(queue, "noop", i.to_le_bytes().to_vec())
-}
-
-fn rate(name: impl Into<String>, jobs: usize, took: Duration) -> Figure {
-    Figure { name: name.into(), value: jobs as f64 / took.as_secs_f64(), unit: "jobs/s" }
-}
-
-/// Single-job Enqueue RPCs from `clients` concurrent connections.
-async fn enqueue_single(address: &str, total: usize, clients: usize) -> anyhow::Result<Figure> {
-    let next = Arc::new(AtomicUsize::new(0));
-    let mut tasks = JoinSet::new();
-    let mut connected = Vec::new();
-    for _ in 0..clients {
-        connected.push(connect(address).await?);
-    }
-    let started = Instant::now();
-    for mut client in connected {
-        let next = next.clone();
-        tasks.spawn(async move {
-            while next.fetch_add(1, Ordering::Relaxed) < total {
-                client.enqueue(pb::EnqueueRequest { jobs: vec![spec("single", 0)] }).await?;
-            }
-            anyhow::Ok(())
-        });
-    }
-    while let Some(done) = tasks.join_next().await {
-        done??;
-    }
-    Ok(rate(format!("enqueue: single-job RPCs, {clients} clients"), total, started.elapsed()))
-}
-
-/// Batched Enqueue RPCs of `batch` jobs from 4 concurrent clients.
-async fn enqueue_batches(address: &str, queue: &str, total: usize, batch: usize) -> anyhow::Result<Figure> {
-    const CLIENTS: usize = 4;
-    let next = Arc::new(AtomicUsize::new(0));
-    let mut tasks = JoinSet::new();
-    let started = Instant::now();
-    for _ in 0..CLIENTS {
-        let (next, mut client, queue) = (next.clone(), connect(address).await?, queue.to_owned());
-        tasks.spawn(async move {
-            loop {
-                let first = next.fetch_add(batch, Ordering::Relaxed);
-                if first >= total {
-                    return anyhow::Ok(());
-                }
-                let jobs = (first..(first + batch).min(total)).map(|i| spec(&queue, i)).collect();
-                client.enqueue(pb::EnqueueRequest { jobs }).await?;
-            }
-        });
-    }
-    while let Some(done) = tasks.join_next().await {
-        done??;
-    }
-    Ok(rate(format!("enqueue: batches of {batch}, {CLIENTS} clients"), total, started.elapsed()))
-}
-
-/// Opens a Lease stream; the returned sender keeps it open.
-async fn lease_stream(
-    client: &mut Client,
-    worker: &str,
-    queue: &str,
-    capacity: u32,
-) -> anyhow::Result<(mpsc::Sender<pb::LeaseRequest>, tonic::Streaming<pb::LeaseResponse>)> {
-    let (send, receive) = mpsc::channel(4);
-    let register =
-        pb::Register { worker_id: worker.into(), queues: vec![queue.into()], capacity, ..Default::default() };
-    send.send(pb::LeaseRequest { request: Some(lease_request::Request::Register(register)) }).await?;
-    let stream = client.lease(ReceiverStream::new(receive)).await?.into_inner();
-    Ok((send, stream))
-}
-
-fn success(lease_id: String) -> pb::CompleteRequest {
-    pb::CompleteRequest {
-        lease_id,
-        outcome: Some(pb::complete_request::Outcome::Success(pb::Success { result: Vec::new() })),
-    }
-}
-
-/// Drains a backlog of `total` jobs with `workers` streams, each completing every job it is given at once.
-async fn drain(address: &str, queue: &str, total: usize, workers: usize, capacity: u32) -> anyhow::Result<Figure> {
-    let done = Arc::new(AtomicUsize::new(0));
-    let finished = CancellationToken::new();
-    let first_lease = Arc::new(tokio::sync::OnceCell::new());
-    let mut tasks = JoinSet::new();
-    for w in 0..workers {
-        let mut client = connect(address).await?;
-        let (_keep, mut stream) = lease_stream(&mut client, &format!("drain-{w}"), queue, capacity).await?;
-        let (done, finished, first_lease) = (done.clone(), finished.clone(), first_lease.clone());
-        tasks.spawn(async move {
-            let _keep = _keep;
-            let mut completions = JoinSet::new();
-            loop {
-                let message = tokio::select! {
-                    message = stream.next() => message,
-                    () = finished.cancelled() => break,
-                };
-                let Some(Ok(pb::LeaseResponse { response: Some(lease_response::Response::Assignment(a)) })) = message
-                else {
-                    continue;
-                };
-                let _ = first_lease.set(Instant::now());
-                let (mut client, done, finished) = (client.clone(), done.clone(), finished.clone());
-                completions.spawn(async move {
-                    client.complete(success(a.lease_id)).await?;
-                    if done.fetch_add(1, Ordering::Relaxed) + 1 == total {
-                        finished.cancel();
-                    }
-                    anyhow::Ok(())
-                });
-                while let Some(result) = completions.try_join_next() {
-                    result??;
-                }
-            }
-            while let Some(result) = completions.join_next().await {
-                result??;
-            }
-            anyhow::Ok(())
-        });
-    }
-    finished.cancelled().await;
-    let took = first_lease.get().map_or(Duration::ZERO, |t| t.elapsed());
-    while let Some(result) = tasks.join_next().await {
-        result??;
-    }
-    Ok(rate(format!("drain: {total} jobs, {workers} streams × capacity {capacity}"), total, took))
-}
-
-/// Enqueue → assignment on a waiting worker, one job at a time.
-async fn pickup_latency(client: &mut Client, samples: usize) -> anyhow::Result<Vec<Figure>> {
-    let (_keep, mut stream) = lease_stream(client, "latency", "latency", 1).await?;
-    let mut took = Vec::with_capacity(samples);
-    for i in 0..samples {
-        let started = Instant::now();
-        client.enqueue(pb::EnqueueRequest { jobs: vec![spec("latency", i)] }).await?;
-        let lease_id = loop {
-            if let Some(Ok(pb::LeaseResponse { response: Some(lease_response::Response::Assignment(a)) })) =
-                stream.next().await
-            {
-                break a.lease_id;
-            }
-        };
-        took.push(started.elapsed());
-        client.complete(success(lease_id)).await?;
-    }
-    took.sort();
-    let at = |q: f64| took[((took.len() as f64 * q) as usize).min(took.len() - 1)].as_secs_f64() * 1000.0;
-    Ok(vec![
-        Figure { name: "pickup latency p50".into(), value: at(0.5), unit: "ms" },
-        Figure { name: "pickup latency p99".into(), value: at(0.99), unit: "ms" },
-        Figure { name: "pickup latency max".into(), value: at(1.0), unit: "ms" },
-    ])
-}
-
-/// A worker holding a job vanishes (its stream drops); how long until a waiting worker gets the job.
-async fn relelease_after_kill(address: &str) -> anyhow::Result<Figure> {
-    let mut doomed = connect(address).await?;
-    let (keep, mut stream) = lease_stream(&mut doomed, "doomed", "relelease", 1).await?;
-    doomed.enqueue(pb::EnqueueRequest { jobs: vec![spec("relelease", 0)] }).await?;
-    stream.next().await.context("the doomed worker's assignment")??;
-    let mut rescuer = connect(address).await?;
-    let (_keep, mut rescue) = lease_stream(&mut rescuer, "rescuer", "relelease", 1).await?;
-    let killed = Instant::now();
-    drop((keep, stream, doomed));
-    let message = rescue.next().await.context("the rescuer's assignment")??;
-    let took = killed.elapsed();
-    anyhow::ensure!(matches!(message.response, Some(lease_response::Response::Assignment(_))));
-    Ok(Figure { name: "re-lease after a killed worker".into(), value: took.as_secs_f64() * 1000.0, unit: "ms" })
-}
-
-fn report(figures: &[Figure], json: bool) {
-    if json {
-        let rows: Vec<_> =
-            figures.iter().map(|f| serde_json::json!({ "name": f.name, "value": f.value, "unit": f.unit })).collect();
-        println!("{}", serde_json::Value::Array(rows));
-        return;
-    }
-    let width = figures.iter().map(|f| f.name.len()).max().unwrap_or(0);
-    for figure in figures {
-        println!("{:width$}  {:>12.1} {}", figure.name, figure.value, figure.unit);
-    }
+        _ => Vec::new(),
+    };
+    let env = Env::start(server_url, &format!("{scenario:?}").to_lowercase(), &flags).await?;
+    let figures = match scenario {
+        Scenario::Database => rawsql::run(&env, sizes.single, sizes.jobs).await,
+        Scenario::Enqueue => enqueue::run(&env, sizes.single, sizes.clients, sizes.jobs).await,
+        Scenario::Drain => drain::run(&env, sizes.jobs, sizes.workers()).await,
+        Scenario::Pickup => latency::run(&env, sizes.latency_samples).await,
+        Scenario::Steady => steady::run(&env, sizes.steady_rate, sizes.steady_for, sizes.workers()).await,
+        Scenario::Relelease => relelease::run(&env, sizes.reconnect_grace, sizes.hang_ttl).await,
+        Scenario::Fanout => fanout::run(&env, sizes.streams, sizes.idle_for, sizes.latency_samples).await,
+        Scenario::Backlog => backlog::run(&env, sizes.backlog, sizes.jobs, sizes.workers()).await,
+    };
+    env.finish().await?;
+    figures
 }

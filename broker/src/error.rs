@@ -70,6 +70,8 @@ impl From<sqlx::Error> for Error {
                 Some("57P01" | "57P02" | "57P03" | "08000" | "08003" | "08006" | "08001" | "08004") => {
                     Error::Unavailable("the job store is unavailable; retry later".into())
                 }
+                // deadlock_detected (after the store's own retries), serialization_failure: safe to retry
+                Some("40P01" | "40001") => Error::Unavailable("the job store was busy; retry".into()),
                 // query_canceled (statement_timeout)
                 Some("57014") => Error::Unavailable("the job store timed out; retry later".into()),
                 _ => Error::Internal(error.to_string()),

@@ -10,7 +10,7 @@ use sqlx::{PgExecutor, Row, types::Json};
 use uuid::Uuid;
 
 use super::{
-    Store, millis,
+    Store, millis, retry_deadlocks,
     rows::{self, carried_columns, finished_job, lease_facts, live_job},
 };
 use crate::{
@@ -157,7 +157,12 @@ impl Store {
 
     /// Hot: extends every lease of a heartbeat batch and records progress. Leases not current are absent.
     pub async fn heartbeat(&self, beats: &[Beat]) -> Result<Vec<BeatAnswer>> {
-        let rows = sqlx::query(
+        let lease_ids: Vec<Uuid> = beats.iter().map(|b| b.lease_id).collect();
+        let percents: Vec<Option<i32>> = beats.iter().map(|b| b.progress.as_ref().map(|p| p.percent as i32)).collect();
+        let messages: Vec<Option<&str>> =
+            beats.iter().map(|b| b.progress.as_ref().map(|p| p.message.as_str())).collect();
+        let rows = retry_deadlocks(|| {
+            sqlx::query(
             "UPDATE jobs SET \
                lease_expires_at = LEAST(clock_timestamp() + lease_ttl_ms * interval '1 millisecond', attempt_deadline), \
                progress_percent = COALESCE(b.percent, progress_percent), \
@@ -166,11 +171,12 @@ impl Store {
              WHERE lease_id = b.beat_lease AND state = 'leased' \
              RETURNING lease_id, id, lease_expires_at, cancel_requested, \
                lease_expires_at > clock_timestamp() AS active",
-        )
-        .bind(beats.iter().map(|b| b.lease_id).collect::<Vec<_>>())
-        .bind(beats.iter().map(|b| b.progress.as_ref().map(|p| p.percent as i32)).collect::<Vec<_>>())
-        .bind(beats.iter().map(|b| b.progress.as_ref().map(|p| p.message.as_str())).collect::<Vec<_>>())
-        .fetch_all(&self.pool)
+            )
+            .bind(&lease_ids)
+            .bind(&percents)
+            .bind(&messages)
+            .fetch_all(&self.pool)
+        })
         .await?;
         rows.iter()
             .map(|row| {
@@ -230,8 +236,11 @@ impl Store {
             results.push(result);
             errors.push(error);
         }
-        let rows = sqlx::query(concat!(
-            "WITH input AS ( \
+        let lease_ids: Vec<Uuid> = items.iter().map(|i| i.lease_id).collect();
+        let only_if_expired: Vec<bool> = items.iter().map(|i| i.only_if_expired).collect();
+        let rows = retry_deadlocks(|| {
+            sqlx::query(concat!(
+                "WITH input AS ( \
                SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::bytea[], $5::text[], $6::bool[]) \
                AS i(in_lease, action, delay_ms, new_result, error, only_if_expired)), \
              ended AS ( \
@@ -243,10 +252,10 @@ impl Store {
                  extract(epoch FROM clock_timestamp() - j.leased_at)::float8 AS held_s), \
              finished AS ( \
                INSERT INTO finished_jobs (",
-            carried_columns!(),
-            ", last_error, state, finished_at, result) SELECT ",
-            carried_columns!(),
-            ", COALESCE(error, last_error), \
+                carried_columns!(),
+                ", last_error, state, finished_at, result) SELECT ",
+                carried_columns!(),
+                ", COALESCE(error, last_error), \
                  CASE WHEN cancel_requested THEN 'cancelled' WHEN action = 'succeed' THEN 'succeeded' \
                       ELSE 'failed' END, \
                  clock_timestamp(), CASE WHEN action = 'succeed' AND NOT cancel_requested THEN new_result END \
@@ -265,14 +274,15 @@ impl Store {
                  extract(epoch FROM clock_timestamp() - j.leased_at)::float8 AS held_s) \
              SELECT e.lease_id, id, f.state, e.queue, e.held_s FROM finished f JOIN ended e USING (id) \
              UNION ALL SELECT lease_id, id, state, queue, held_s FROM requeued"
-        ))
-        .bind(items.iter().map(|i| i.lease_id).collect::<Vec<_>>())
-        .bind(actions)
-        .bind(delays)
-        .bind(results)
-        .bind(errors)
-        .bind(items.iter().map(|i| i.only_if_expired).collect::<Vec<_>>())
-        .fetch_all(&self.pool)
+            ))
+            .bind(&lease_ids)
+            .bind(&actions)
+            .bind(&delays)
+            .bind(&results)
+            .bind(&errors)
+            .bind(&only_if_expired)
+            .fetch_all(&self.pool)
+        })
         .await?;
         rows.iter()
             .map(|row| {

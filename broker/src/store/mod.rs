@@ -104,6 +104,31 @@ impl Notifications {
     }
 }
 
+/// How often a batch statement runs again after Postgres chose it as a deadlock victim.
+const DEADLOCK_RETRIES: usize = 5;
+
+/// Runs `statement` again when Postgres aborted it to break a deadlock (SQLSTATE 40P01). The hot batch statements
+/// (heartbeat, settle) lock many job rows in whatever order their plans visit them, so two of them can deadlock;
+/// the victim's transaction changed nothing, so running it again is safe, and its callers never see the deadlock.
+async fn retry_deadlocks<T, F, Fut>(mut statement: F) -> Result<T, sqlx::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
+{
+    let mut retries = 0;
+    loop {
+        match statement().await {
+            Err(sqlx::Error::Database(error))
+                if error.code().as_deref() == Some("40P01") && retries < DEADLOCK_RETRIES =>
+            {
+                retries += 1;
+                tracing::debug!(retries, "batch statement chosen as a deadlock victim; running it again");
+            }
+            done => return done,
+        }
+    }
+}
+
 fn millis(duration: Duration) -> i64 {
     i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
 }

@@ -1,0 +1,82 @@
+//! A batch statement chosen by Postgres as a deadlock victim is run again by the store: the worker's heartbeat
+//! succeeds instead of failing with an error (which once made workers forget jobs and stalled their slots).
+//!
+//! The deadlock is made on purpose: another transaction holds one of two leased rows, the heartbeat for both locks
+//! the other and waits, then that transaction asks for the row the heartbeat holds. Which row the heartbeat locks
+//! first is up to its plan, so the scene is played with each row held in turn; one of the two must deadlock.
+
+mod common;
+
+use std::time::Duration;
+
+use broker::config::Settings;
+use common::{TestBroker, test_database, wait_for, worker::*};
+use jobbroker::v1 as pb;
+use sqlx::{Connection as _, PgConnection, PgPool};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn deadlocks(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
+        .fetch_one(pool)
+        .await
+        .expect("reading the deadlock count")
+}
+
+/// Holds `first`'s row, waits until the heartbeat of both leases is blocked, then asks for `second`'s row.
+async fn play(url: &str, worker: &mut TestWorker, leases: [&str; 2], jobs: [&str; 2]) {
+    let mut other = PgConnection::connect(url).await.expect("a second connection");
+    sqlx::query("BEGIN").execute(&mut other).await.expect("begun");
+    let lock = "SELECT 1 FROM jobs WHERE id = $1::uuid FOR UPDATE";
+    sqlx::query(lock).bind(jobs[0]).execute(&mut other).await.expect("the first row locked");
+    let pool = PgPool::connect(url).await.expect("a pool");
+    let mut client = worker.client.clone();
+    let beats = leases.iter().map(|l| pb::LeaseBeat { lease_id: l.to_string(), progress: None }).collect();
+    let heartbeat = tokio::spawn(async move { client.heartbeat(pb::HeartbeatRequest { leases: beats }).await });
+    wait_for("the heartbeat to wait for the held row", WAIT, || {
+        let pool = pool.clone();
+        async move {
+            let waiting: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM pg_locks WHERE NOT granted").fetch_one(&pool).await.ok()?;
+            (waiting > 0).then_some(())
+        }
+    })
+    .await;
+    // Either this waits for the heartbeat (a deadlock, which Postgres breaks by aborting one side) or it is granted.
+    let second = sqlx::query(lock).bind(jobs[1]).execute(&mut other).await;
+    match second {
+        Ok(_) => sqlx::query("COMMIT").execute(&mut other).await.map(|_| ()).expect("committed"),
+        Err(_) => sqlx::query("ROLLBACK").execute(&mut other).await.map(|_| ()).expect("rolled back"),
+    }
+    let answer = heartbeat.await.expect("the heartbeat task").expect("the heartbeat succeeds").into_inner();
+    assert!(answer.leases.iter().all(|l| l.active), "both leases still held: {answer:?}");
+}
+
+#[tokio::test]
+async fn a_heartbeat_chosen_as_deadlock_victim_is_retried() {
+    let url = test_database().await;
+    let broker = TestBroker::start(Settings::with_database(url.clone())).await;
+    let mut client = broker.client().await;
+    let ids = enqueue(
+        &mut client,
+        vec![pb::JobSpec::new("locked", "k", b"a".to_vec()), pb::JobSpec::new("locked", "k", b"b".to_vec())],
+    )
+    .await;
+    let mut worker = TestWorker::connect(client, "w", &["locked"], 2).await;
+    let (first, second) = (worker.assignment(WAIT).await, worker.assignment(WAIT).await);
+    let lease_of = |id: &str| {
+        if first.job.as_ref().expect("job").id == id { first.lease_id.clone() } else { second.lease_id.clone() }
+    };
+    let leases = [lease_of(&ids[0]), lease_of(&ids[1])];
+    let pool = PgPool::connect(&url).await.expect("a pool");
+    let before = deadlocks(&pool).await;
+
+    play(&url, &mut worker, [&leases[0], &leases[1]], [&ids[1], &ids[0]]).await;
+    play(&url, &mut worker, [&leases[0], &leases[1]], [&ids[0], &ids[1]]).await;
+
+    wait_for("Postgres to count the deadlock it broke", WAIT, || {
+        let pool = pool.clone();
+        async move { (deadlocks(&pool).await > before).then_some(()) }
+    })
+    .await;
+}

@@ -1,6 +1,9 @@
 //! A reusable worker loop: hold a Lease stream, run each assigned job through an async [`Handler`], heartbeat
 //! every lease, complete with fencing handled, reconnect with jittered backoff, drain on request.
 //!
+//! Completions travel on the Lease stream itself (no RPC per job); one whose answer has not arrived when the
+//! stream breaks is sent again on the next stream.
+//!
 //! The loop keeps no state that outlives the process: kill it at any moment and the broker hands its leases to
 //! another worker. It knows nothing about how a job runs (that is the handler: a closure, a command, an HTTP call).
 //!
@@ -21,7 +24,7 @@ use std::{
 };
 
 use rand::Rng as _;
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio_stream::{StreamExt as _, wrappers::ReceiverStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::Code;
@@ -240,12 +243,46 @@ where
     }
 }
 
+/// Completions waiting for their answer on one stream, by lease; `None` once the stream ended.
+type Unanswered = Arc<Mutex<Option<HashMap<String, oneshot::Sender<pb::CompleteAnswer>>>>>;
+
+/// The current connection: its client (for heartbeats), and its Lease stream (for completions).
+#[derive(Clone)]
+struct Link {
+    client: Client,
+    requests: mpsc::Sender<pb::LeaseRequest>,
+    answers: Unanswered,
+}
+
+impl Link {
+    /// Sends a completion on the stream and waits for its answer; `None` if the stream ended first.
+    async fn complete(&self, request: pb::CompleteRequest) -> Option<pb::CompleteAnswer> {
+        let (answer, answered) = oneshot::channel();
+        self.answers.lock().expect("answers lock").as_mut()?.insert(request.lease_id.clone(), answer);
+        let message = pb::LeaseRequest { request: Some(lease_request::Request::Complete(request)) };
+        self.requests.send(message).await.ok()?;
+        answered.await.ok()
+    }
+
+    fn answered(&self, answer: pb::CompleteAnswer) {
+        let waiting = self.answers.lock().expect("answers lock").as_mut().and_then(|a| a.remove(&answer.lease_id));
+        if let Some(waiting) = waiting {
+            let _ = waiting.send(answer);
+        }
+    }
+
+    /// The stream ended: completions still waiting learn it and are sent again on the next stream.
+    fn close(&self) {
+        self.answers.lock().expect("answers lock").take();
+    }
+}
+
 /// The worker's running state, shared by the stream loop, the heartbeat task and the job tasks.
 struct Shared {
     options: WorkerOptions,
     running: Mutex<HashMap<String, ActiveJob>>,
-    /// The client of the current connection; `None` while reconnecting.
-    client: watch::Sender<Option<Client>>,
+    /// The current connection; `None` while reconnecting.
+    link: watch::Sender<Option<Link>>,
     /// Heartbeat period the broker asked for (smallest seen).
     heartbeat: Mutex<Duration>,
     /// Woken when a job finishes (drain waits on it) and when a heartbeat is due at once (after reconnecting, or
@@ -262,7 +299,7 @@ pub async fn run<H: Handler>(options: WorkerOptions, handler: H, control: Contro
     let shared = Arc::new(Shared {
         options,
         running: Mutex::default(),
-        client: watch::channel(None).0,
+        link: watch::channel(None).0,
         heartbeat: Mutex::new(DEFAULT_HEARTBEAT),
         job_done: Notify::new(),
         beat_now: Notify::new(),
@@ -294,7 +331,8 @@ pub async fn run<H: Handler>(options: WorkerOptions, handler: H, control: Contro
             Err(status) => tracing::warn!(broker = %address, %status, "lease stream ended; reconnecting"),
         }
         // A session that got connected starts the backoff over: only consecutive failures lengthen it.
-        if shared.client.send_replace(None).is_some() {
+        if let Some(link) = shared.link.send_replace(None) {
+            link.close();
             backoff = shared.options.reconnect_min;
         }
         if done(&shared, &control) {
@@ -333,7 +371,8 @@ async fn session<H: Handler>(
         let cause = std::error::Error::source(&e).map(|s| format!(": {s}")).unwrap_or_default();
         tonic::Status::unavailable(format!("{e}{cause}"))
     })?;
-    let (requests, outbound) = mpsc::channel(8);
+    // Room for a burst of completions, so the stream writes many per frame.
+    let (requests, outbound) = mpsc::channel(1024);
     let draining = control.drain.is_cancelled() || control.abort.is_cancelled();
     let held: Vec<String> = shared.running.lock().expect("running lock").keys().cloned().collect();
     let register = pb::Register {
@@ -346,7 +385,8 @@ async fn session<H: Handler>(
     let _ = requests.send(pb::LeaseRequest { request: Some(lease_request::Request::Register(register)) }).await;
     let mut inbound = client.lease(ReceiverStream::new(outbound)).await?.into_inner();
     tracing::info!(broker = %address, worker = %shared.options.worker_id, "connected");
-    shared.client.send_replace(Some(client));
+    let link = Link { client, requests: requests.clone(), answers: Arc::new(Mutex::new(Some(HashMap::new()))) };
+    shared.link.send_replace(Some(link.clone()));
     shared.beat_now.notify_one();
     let mut drain_sent = draining;
     loop {
@@ -370,6 +410,9 @@ async fn session<H: Handler>(
                 if control.abort.is_cancelled() {
                     job.stop(StopReason::Shutdown);
                 }
+            }
+            Some(Ok(pb::LeaseResponse { response: Some(lease_response::Response::Completed(answer)) })) => {
+                link.answered(answer);
             }
             Some(Ok(pb::LeaseResponse { response: Some(lease_response::Response::Cancel(notice)) })) => {
                 if let Some(job) = shared.running.lock().expect("running lock").get(&notice.lease_id) {
@@ -468,13 +511,24 @@ async fn run_job<H: Handler>(shared: Arc<Shared>, handler: Arc<H>, job: ActiveJo
 async fn report(shared: &Shared, job: &ActiveJob, outcome: Outcome) {
     let mut request = pb::CompleteRequest { lease_id: job.lease_id().to_owned(), outcome: Some(outcome.into()) };
     let mut replaced = false;
-    let mut clients = shared.client.subscribe();
+    let mut links = shared.link.subscribe();
     loop {
-        let client = clients.wait_for(Option::is_some).await.ok().and_then(|c| c.clone());
-        let Some(mut client) = client else { return };
-        match client.complete(request.clone()).await {
-            Ok(answer) => {
-                tracing::info!(state = ?answer.into_inner().state(), "job completed");
+        let link = links.wait_for(Option::is_some).await.ok().and_then(|l| l.clone());
+        let Some(link) = link else { return };
+        let Some(answer) = link.complete(request.clone()).await else {
+            // The stream ended before answering: send it again on the next one.
+            if links.changed().await.is_err() {
+                return;
+            }
+            continue;
+        };
+        let answer = match answer.error_code {
+            0 => Ok(answer.state()),
+            code => Err(tonic::Status::new(Code::from_i32(code), answer.error_message)),
+        };
+        match answer {
+            Ok(state) => {
+                tracing::info!(?state, "job completed");
                 return;
             }
             Err(status) if status.code() == Code::Aborted => {
@@ -540,7 +594,7 @@ async fn heartbeats(shared: Arc<Shared>, finished: CancellationToken) {
             () = finished.cancelled() => return,
         }
         let jobs: Vec<ActiveJob> = shared.running.lock().expect("running lock").values().cloned().collect();
-        let Some(mut client) = shared.client.borrow().clone() else { continue };
+        let Some(mut client) = shared.link.borrow().as_ref().map(|link| link.client.clone()) else { continue };
         if jobs.is_empty() {
             continue;
         }
@@ -554,6 +608,10 @@ async fn heartbeats(shared: Arc<Shared>, finished: CancellationToken) {
         match client.heartbeat(pb::HeartbeatRequest { leases }).await {
             Ok(answer) => {
                 for (job, status) in jobs.iter().zip(answer.into_inner().leases) {
+                    // A job that finished while the heartbeat was in flight: its lease ended with it.
+                    if !shared.running.lock().expect("running lock").contains_key(job.lease_id()) {
+                        continue;
+                    }
                     if !status.active {
                         tracing::warn!(job_id = %job.id(), "lease lost; stopping the job");
                         job.stop(StopReason::LeaseLost);

@@ -1,7 +1,8 @@
 //! `jobbroker.v1.BrokerService`: thin adapters from gRPC to [`Broker`].
 //!
 //! Each method converts and validates its request (`convert`), calls one domain method and converts the answer.
-//! The Lease stream adds one tracked task per stream that forwards the worker's messages to its session.
+//! The Lease stream adds one tracked task per stream that forwards the worker's messages to its session and runs
+//! the completions the worker sends on the stream, answering each on the stream.
 
 use std::{
     pin::Pin,
@@ -10,6 +11,7 @@ use std::{
 };
 
 use jobbroker::v1::{self as pb, broker_service_server::BrokerService};
+use tokio::{sync::mpsc, task::JoinSet};
 use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream, wrappers::UnboundedReceiverStream};
 use tokio_util::{
     sync::{CancellationToken, DropGuard},
@@ -26,6 +28,7 @@ use crate::{
         dispatch::{Session, SessionEvent},
     },
     error::Error,
+    model::JobState,
 };
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -75,19 +78,47 @@ fn lease_response(event: SessionEvent) -> Result<pb::LeaseResponse, Status> {
     Ok(pb::LeaseResponse { response: Some(response) })
 }
 
+/// The answer to a completion sent on the Lease stream: what the Complete RPC would have answered.
+fn complete_answer(lease_id: String, answer: Result<JobState, Error>) -> pb::LeaseResponse {
+    let answer = match answer {
+        Ok(state) => pb::CompleteAnswer { lease_id, state: convert::state(state).into(), ..Default::default() },
+        Err(error) => {
+            let status = Status::from(error);
+            pb::CompleteAnswer {
+                lease_id,
+                error_code: status.code() as i32,
+                error_message: status.message().to_owned(),
+                ..Default::default()
+            }
+        }
+    };
+    pb::LeaseResponse { response: Some(pb::lease_response::Response::Completed(answer)) }
+}
+
 /// Forwards the worker's messages to its session until the worker goes away, then closes the session.
+/// Completions run concurrently (they meet other streams' in the group commit), at most the stream capacity limit
+/// at once; their answers go to `answers`.
 async fn follow_stream(
     broker: Arc<Broker>,
     session: Arc<Session>,
     mut inbound: Streaming<pb::LeaseRequest>,
     limits: Limits,
+    answers: mpsc::UnboundedSender<Result<pb::LeaseResponse, Status>>,
     gone: CancellationToken,
 ) {
     use pb::lease_request::Request as R;
     let mut reading = true;
+    let mut completing = JoinSet::new();
+    let most_completing = limits.max_stream_capacity.max(1) as usize;
     loop {
         let message = tokio::select! {
-            message = inbound.message(), if reading => message,
+            message = inbound.message(), if reading && completing.len() < most_completing => message,
+            Some(answered) = completing.join_next() => {
+                if let Ok(answer) = answered {
+                    let _ = answers.send(Ok(answer));
+                }
+                continue;
+            }
             () = gone.cancelled() => break,
         };
         let protocol_error = match message {
@@ -99,6 +130,19 @@ async fn follow_stream(
                     }
                     Err(error) => Some(error),
                 }
+            }
+            Ok(Some(pb::LeaseRequest { request: Some(R::Complete(request)) })) => {
+                let lease_id = request.lease_id.clone();
+                let broker = broker.clone();
+                let complete = convert::complete_request(request, &limits);
+                completing.spawn(async move {
+                    let answer = match complete {
+                        Ok((lease, outcome)) => broker.complete(lease, outcome).await,
+                        Err(error) => Err(error),
+                    };
+                    complete_answer(lease_id, answer)
+                });
+                None
             }
             Ok(Some(pb::LeaseRequest { request: Some(R::Register(_)) })) => {
                 Some(Error::invalid("register", "must be sent exactly once, as the first message"))
@@ -118,6 +162,8 @@ async fn follow_stream(
             session.fail(error);
         }
     }
+    // Completions already under way are applied; only their answers have nowhere to go.
+    while completing.join_next().await.is_some() {}
     broker.close_session(&session, true).await;
 }
 
@@ -156,9 +202,11 @@ impl BrokerService for BrokerApi {
         let (session, events) = self.broker.open_session(registration).await?;
         tracing::info!(session = %session.id, "worker stream opened");
         let gone = CancellationToken::new();
-        let follow = follow_stream(self.broker.clone(), session, inbound, self.limits.clone(), gone.clone());
+        let (answers, answered) = mpsc::unbounded_channel();
+        let follow = follow_stream(self.broker.clone(), session, inbound, self.limits.clone(), answers, gone.clone());
         self.tracker.spawn(follow);
-        let stream = UnboundedReceiverStream::new(events).map(lease_response);
+        let stream =
+            UnboundedReceiverStream::new(events).map(lease_response).merge(UnboundedReceiverStream::new(answered));
         Ok(Response::new(Box::pin(Guarded { stream, _gone: gone.drop_guard() })))
     }
 

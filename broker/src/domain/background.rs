@@ -97,10 +97,7 @@ pub async fn listener(store: Store, dispatcher: Arc<Dispatcher>, shutdown: Cance
                 () = shutdown.cancelled() => return,
             };
             match note {
-                Ok(note) if note.channel == ENQUEUED_CHANNEL && note.payload == "*" => dispatcher.wake(None),
-                Ok(note) if note.channel == ENQUEUED_CHANNEL => {
-                    dispatcher.wake(Some(&note.payload.split(',').collect::<Vec<_>>()));
-                }
+                Ok(note) if note.channel == ENQUEUED_CHANNEL => dispatcher.enqueued_elsewhere(&note.payload),
                 Ok(note) if note.channel == CANCEL_CHANNEL => match note.payload.parse() {
                     Ok(lease_id) => dispatcher.cancel_requested(lease_id),
                     Err(_) => tracing::warn!(payload = %note.payload, "malformed cancel notification"),

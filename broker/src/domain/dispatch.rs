@@ -1,7 +1,9 @@
 //! Dispatch: the Lease streams connected to this replica, and the claims that feed them.
 //!
-//! Streams that subscribe to the same set of queues form a group; one task per group claims jobs for every free
-//! slot of every stream in the group with a single statement, then pushes each job down its stream. A group is
+//! Streams that subscribe to the same set of queues form a group; one task per group claims jobs for the free
+//! slots of the group's streams with a single statement, then pushes each job down its stream. A claim offers a
+//! few slots at first and twice as many after each claim that came back full, so an idle queue with thousands of
+//! waiting streams claims its one new job cheaply while a backlog is claimed in large batches. A group is
 //! woken by enqueues (in-process, or NOTIFY from another replica), by freed capacity, by a timer for the next
 //! scheduled job, and by a slow safety-net poll. Capacity is checked again at delivery, so a stream never holds
 //! more unfinished leases than it declared. This module does not decide retries or talk SQL itself.
@@ -10,10 +12,13 @@ use std::{
     collections::{BTreeMap, HashMap, HashSet},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Duration,
 };
+
+/// Slots a claim offers after one that came back short; doubled after each full claim, up to `max_claim`.
+const FIRST_OFFER: usize = 16;
 
 use chrono::{DateTime, Utc};
 use tokio::{
@@ -102,6 +107,8 @@ struct Group {
     work: AtomicBool,
     wake: Notify,
     stop: CancellationToken,
+    /// Where the next claim starts looking for free slots, so new jobs spread over the streams.
+    turn: AtomicUsize,
 }
 
 /// Where a lease delivered by this replica is running.
@@ -218,6 +225,7 @@ impl Dispatcher {
             work: AtomicBool::new(true),
             wake: Notify::new(),
             stop: self.shutdown.child_token(),
+            turn: AtomicUsize::new(0),
         });
         let (dispatcher, task_group) = (self.clone(), group.clone());
         self.tracker.spawn(async move { dispatcher.run_group(task_group).await });
@@ -308,6 +316,26 @@ impl Dispatcher {
         }
     }
 
+    /// The NOTIFY payload announcing jobs committed in `queues` (comma-separated, or `*` for every queue), tagged
+    /// with this replica: its own groups were woken in-process, so its listener skips it.
+    pub fn enqueued_note(&self, queues: &str) -> String {
+        format!("{} {queues}", self.settings.replica)
+    }
+
+    /// Wakes the groups named by an enqueue notification, unless this replica sent it.
+    pub fn enqueued_elsewhere(&self, payload: &str) {
+        let queues = match payload.split_once(' ') {
+            Some((replica, _)) if replica == self.settings.replica => return,
+            Some((_, queues)) => queues,
+            None => payload,
+        };
+        if queues == "*" {
+            self.wake(None);
+        } else {
+            self.wake(Some(&queues.split(',').collect::<Vec<_>>()));
+        }
+    }
+
     /// Wakes every group that takes jobs from one of `queues` (`None`: every group).
     pub fn wake(&self, queues: Option<&[&str]>) {
         let groups = self.groups.lock().expect("groups lock");
@@ -343,6 +371,7 @@ impl Dispatcher {
     async fn run_group(self: Arc<Self>, group: Arc<Group>) {
         // When to look again without being woken: the safety-net poll, or sooner when a scheduled job comes due.
         let mut deadline = Instant::now();
+        let mut offer = FIRST_OFFER.min(self.settings.max_claim);
         loop {
             tokio::select! {
                 () = group.wake.notified() => {}
@@ -354,7 +383,7 @@ impl Dispatcher {
             }
             // The flag is taken before looking, so a wake that arrives during a claim is never lost.
             while group.work.swap(false, Ordering::SeqCst) {
-                let slots = reserve(&group, self.settings.max_claim);
+                let slots = reserve(&group, offer);
                 if slots.is_empty() {
                     group.work.store(true, Ordering::SeqCst);
                     break;
@@ -375,6 +404,9 @@ impl Dispatcher {
                 let full = claimed.len() == slots.len();
                 if full {
                     group.work.store(true, Ordering::SeqCst);
+                    offer = (offer * 2).min(self.settings.max_claim);
+                } else {
+                    offer = FIRST_OFFER.min(self.settings.max_claim);
                 }
                 if self.deliver(&slots, claimed).await {
                     group.work.store(true, Ordering::SeqCst);
@@ -435,11 +467,14 @@ impl Dispatcher {
     }
 }
 
-/// Reserves up to `max` free slots across the group's streams, one per stream in turn, so the best jobs spread.
+/// Reserves up to `max` free slots across the group's streams, one per stream in turn, so the best jobs spread;
+/// each call starts at the next stream.
 fn reserve(group: &Group, max: usize) -> Vec<Arc<Session>> {
     let sessions = group.sessions.lock().expect("group lock");
-    let mut free: Vec<(Arc<Session>, u32)> = sessions
+    let start = group.turn.fetch_add(1, Ordering::Relaxed) % sessions.len().max(1);
+    let mut free: Vec<(Arc<Session>, u32)> = sessions[start..]
         .iter()
+        .chain(&sessions[..start])
         .filter_map(|session| {
             let state = session.state.lock().expect("session lock");
             let used = state.outstanding.len() as u32 + state.reserved;

@@ -175,7 +175,7 @@ impl EnqueueHandler {
         if notify.len() > MAX_NOTIFY_PAYLOAD {
             notify = "*".into();
         }
-        match self.store.insert_jobs(&jobs, &keys, &notify).await? {
+        match self.store.insert_jobs(&jobs, &keys, &self.dispatcher.enqueued_note(&notify)).await? {
             Inserted::KeyTaken => Ok(None),
             Inserted::Committed => {
                 self.metrics.jobs_enqueued(jobs.iter().map(|j| j.spec.queue.as_str()));

@@ -1,7 +1,9 @@
 //! The statements on jobs: insert, claim, heartbeat, settle, cancel, reap, retention, reads.
 //!
 //! Every fenced write names `lease_id` and `state = 'leased'` in the same statement that writes; the rows it
-//! returns are the leases that held. Statements marked "hot" run once per batch, never once per job.
+//! returns are the leases that held. Statements marked "hot" run once per batch, never once per job; those that
+//! join a batch of leases also say `lease_id = ANY($1)`, so the planner reaches the rows through the `jobs_lease`
+//! index rather than scanning the backlog.
 
 use std::{collections::HashSet, time::Duration};
 
@@ -168,7 +170,7 @@ impl Store {
                progress_percent = COALESCE(b.percent, progress_percent), \
                progress_message = COALESCE(b.message, progress_message) \
              FROM unnest($1::uuid[], $2::int[], $3::text[]) AS b(beat_lease, percent, message) \
-             WHERE lease_id = b.beat_lease AND state = 'leased' \
+             WHERE lease_id = ANY($1) AND lease_id = b.beat_lease AND state = 'leased' \
              RETURNING lease_id, id, lease_expires_at, cancel_requested, \
                lease_expires_at > clock_timestamp() AS active",
             )
@@ -207,7 +209,8 @@ impl Store {
         let rows = sqlx::query(concat!(
             "SELECT ",
             lease_facts!(),
-            " FROM jobs WHERE state = 'leased' AND lease_expires_at <= clock_timestamp() \
+            // `lease_id IS NOT NULL` (true of every leased row) lets the planner walk the small `jobs_lease` index.
+            " FROM jobs WHERE lease_id IS NOT NULL AND state = 'leased' AND lease_expires_at <= clock_timestamp() \
               ORDER BY lease_expires_at LIMIT $1"
         ))
         .bind(i64::from(limit))
@@ -218,7 +221,8 @@ impl Store {
 
     /// Hot: ends or re-queues every lease of a batch in one fenced statement. A job whose cancel was requested
     /// ends CANCELLED whatever the outcome. Terminal jobs move to `finished_jobs`. Leases that did not hold are
-    /// absent from the answer.
+    /// absent from the answer. The answer is read from `ended` itself (Postgres runs the insert into `finished_jobs`
+    /// to completion although nothing reads it), since the planner would join the two as a nested loop.
     pub async fn settle(&self, items: &[SettleLease]) -> Result<Vec<Settled>> {
         let mut actions = Vec::with_capacity(items.len());
         let mut delays = Vec::with_capacity(items.len());
@@ -245,21 +249,21 @@ impl Store {
                AS i(in_lease, action, delay_ms, new_result, error, only_if_expired)), \
              ended AS ( \
                DELETE FROM jobs j USING input i \
-               WHERE j.lease_id = i.in_lease AND j.state = 'leased' \
+               WHERE j.lease_id = ANY($1) AND j.lease_id = i.in_lease AND j.state = 'leased' \
                  AND (NOT i.only_if_expired OR j.lease_expires_at <= clock_timestamp()) \
                  AND (i.action IN ('succeed', 'fail') OR j.cancel_requested) \
                RETURNING j.*, i.action, i.new_result, i.error, \
+                 CASE WHEN j.cancel_requested THEN 'cancelled' WHEN i.action = 'succeed' THEN 'succeeded' \
+                      ELSE 'failed' END AS end_state, \
                  extract(epoch FROM clock_timestamp() - j.leased_at)::float8 AS held_s), \
              finished AS ( \
                INSERT INTO finished_jobs (",
                 carried_columns!(),
                 ", last_error, state, finished_at, result) SELECT ",
                 carried_columns!(),
-                ", COALESCE(error, last_error), \
-                 CASE WHEN cancel_requested THEN 'cancelled' WHEN action = 'succeed' THEN 'succeeded' \
-                      ELSE 'failed' END, \
-                 clock_timestamp(), CASE WHEN action = 'succeed' AND NOT cancel_requested THEN new_result END \
-               FROM ended RETURNING id, state), \
+                ", COALESCE(error, last_error), end_state, clock_timestamp(), \
+                 CASE WHEN end_state = 'succeeded' THEN new_result END \
+               FROM ended), \
              requeued AS ( \
                UPDATE jobs j SET state = 'queued', \
                  run_at = clock_timestamp() + i.delay_ms * interval '1 millisecond', \
@@ -267,12 +271,12 @@ impl Store {
                  last_error = COALESCE(i.error, j.last_error), lease_id = NULL, session_id = NULL, \
                  lease_expires_at = NULL, attempt_deadline = NULL \
                FROM input i \
-               WHERE j.lease_id = i.in_lease AND j.state = 'leased' \
+               WHERE j.lease_id = ANY($1) AND j.lease_id = i.in_lease AND j.state = 'leased' \
                  AND (NOT i.only_if_expired OR j.lease_expires_at <= clock_timestamp()) \
                  AND i.action IN ('retry', 'release') AND NOT j.cancel_requested \
                RETURNING i.in_lease AS lease_id, j.id, j.state, j.queue, \
                  extract(epoch FROM clock_timestamp() - j.leased_at)::float8 AS held_s) \
-             SELECT e.lease_id, id, f.state, e.queue, e.held_s FROM finished f JOIN ended e USING (id) \
+             SELECT lease_id, id, end_state AS state, queue, held_s FROM ended \
              UNION ALL SELECT lease_id, id, state, queue, held_s FROM requeued"
             ))
             .bind(&lease_ids)

@@ -92,6 +92,21 @@ impl TestWorker {
         Ok(self.client.complete(request).await?.into_inner().state())
     }
 
+    /// Sends a completion on the Lease stream (its answer comes back on the stream: [`Self::completed`]).
+    pub async fn complete_on_stream(&self, lease_id: &str, outcome: pb::complete_request::Outcome) {
+        let request = pb::CompleteRequest { lease_id: lease_id.into(), outcome: Some(outcome) };
+        let message = pb::LeaseRequest { request: Some(lease_request::Request::Complete(request)) };
+        self.requests.as_ref().expect("stream open").send(message).await.expect("the stream is open");
+    }
+
+    /// The next message, which must be the answer to a completion sent on the stream.
+    pub async fn completed(&mut self, wait: Duration) -> pb::CompleteAnswer {
+        match self.next_message(wait).await {
+            Some(Ok(lease_response::Response::Completed(answer))) => answer,
+            other => panic!("expected a completion answer within {wait:?}, got {other:?}"),
+        }
+    }
+
     pub async fn succeed(&mut self, lease_id: &str, result: &[u8]) -> Result<pb::JobState, Status> {
         self.complete(lease_id, success(result)).await
     }

@@ -1,6 +1,7 @@
 //! Detecting lost leases (SPEC: detecting lost leases): a closed stream gives its leases the reconnect grace, a
 //! worker that reconnects within it keeps them, a half-closed stream is not a closed one, a silent worker loses its
-//! lease after `lease_ttl`, and an attempt past `execution_timeout` is lost even while heartbeating.
+//! lease after `lease_ttl` (and a worker that never acknowledges the loss gets its slot back a heartbeat interval
+//! later), and an attempt past `execution_timeout` is lost even while heartbeating.
 
 mod common;
 
@@ -153,6 +154,29 @@ async fn a_hung_worker_loses_its_lease_after_the_lease_ttl() {
     let next = enqueue(&mut client, vec![spec(ttl)]).await.remove(0);
     let third = a.assignment(Duration::from_secs(5)).await;
     assert_eq!(third.job.expect("a job").id, next);
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn a_worker_that_forgets_a_lost_lease_gets_its_slot_back_a_heartbeat_interval_after_the_reap() {
+    let mut settings = settings(test_database().await);
+    settings.poll_interval = Duration::from_millis(100);
+    let broker = TestBroker::start(settings).await;
+    let mut client = broker.client().await;
+    let ttl = Duration::from_millis(900);
+
+    let mut a = TestWorker::connect(client.clone(), "forgetful", &[QUEUE], 1).await;
+    let id = enqueue(&mut client, vec![spec(ttl)]).await.remove(0);
+    let first = a.assignment(Duration::from_secs(5)).await;
+    let leased = Instant::now();
+    // A never heartbeats, completes or asks about the lease again: it forgot it. The reaped lease keeps A's only
+    // slot for one heartbeat interval (ttl / 3), then frees it, and the re-queued job comes back to A.
+    let second = a.assignment(Duration::from_secs(5)).await;
+    let elapsed = leased.elapsed();
+    assert!(elapsed >= ttl + ttl / 3 - Duration::from_millis(50), "the slot was freed at the reap: {elapsed:?}");
+    let job = second.job.expect("a job");
+    assert_eq!((job.id.as_str(), job.attempt), (id.as_str(), 2));
+    assert_ne!(second.lease_id, first.lease_id);
     broker.stop().await;
 }
 

@@ -112,9 +112,11 @@ pub async fn listener(store: Store, dispatcher: Arc<Dispatcher>, shutdown: Cance
     }
 }
 
-/// Frees the slots of leases settled through another replica (or lost) that this replica never heard of.
+/// Frees the slots of leases settled through another replica (or lost) that this replica never heard of, and of
+/// leases lost a heartbeat interval ago whose holders never acknowledged it.
 pub async fn reconcile(store: Store, dispatcher: Arc<Dispatcher>, period: Duration, shutdown: CancellationToken) {
     while pause(period, None, &shutdown).await {
+        dispatcher.forget_lost();
         let outstanding = dispatcher.outstanding();
         if outstanding.is_empty() {
             continue;

@@ -115,9 +115,12 @@ struct Group {
 struct LeaseHolder {
     session: Arc<Session>,
     job_id: Uuid,
-    /// The reaper took the lease away; its slot stays taken until the worker shows it knows (heartbeat or
-    /// Complete answered "not current"), so a stuck worker is not handed the job straight back.
-    lost: bool,
+    /// How often the holder is asked to heartbeat (`lease_ttl / 3`).
+    heartbeat_interval: Duration,
+    /// When the reaper took the lease away. Its slot stays taken until the worker shows it knows (heartbeat or
+    /// Complete answered "not current"), so a stuck worker is not handed the job straight back; but at most one
+    /// heartbeat interval, so a worker that forgot the lease does not lose the slot for good.
+    lost: Option<Instant>,
 }
 
 /// All Lease streams of this replica.
@@ -205,8 +208,10 @@ impl Dispatcher {
         {
             let mut leases = self.leases.lock().expect("leases lock");
             let mut state = session.state.lock().expect("session lock");
-            for (lease_id, job_id) in adopted {
-                leases.insert(lease_id, LeaseHolder { session: session.clone(), job_id, lost: false });
+            for (lease_id, job_id, lease_ttl) in adopted {
+                let holder =
+                    LeaseHolder { session: session.clone(), job_id, heartbeat_interval: lease_ttl / 3, lost: None };
+                leases.insert(lease_id, holder);
                 state.outstanding.insert(lease_id);
             }
         }
@@ -304,7 +309,7 @@ impl Dispatcher {
     /// The reaper took `lease_id` away: keep its slot taken until the worker learns of it ([`Self::lease_ended`]).
     pub fn lease_lost(&self, lease_id: Uuid) {
         if let Some(holder) = self.leases.lock().expect("leases lock").get_mut(&lease_id) {
-            holder.lost = true;
+            holder.lost = Some(Instant::now());
         }
     }
 
@@ -350,7 +355,19 @@ impl Dispatcher {
     /// Every lease this replica delivered that is not known to be finished (or taken away by the reaper).
     pub fn outstanding(&self) -> Vec<Uuid> {
         let leases = self.leases.lock().expect("leases lock");
-        leases.iter().filter(|(_, holder)| !holder.lost).map(|(lease_id, _)| *lease_id).collect()
+        leases.iter().filter(|(_, holder)| holder.lost.is_none()).map(|(lease_id, _)| *lease_id).collect()
+    }
+
+    /// Frees the slots of leases lost more than a heartbeat interval ago: their workers heard by now, or never will.
+    pub fn forget_lost(&self) {
+        let forgotten: Vec<Uuid> = {
+            let leases = self.leases.lock().expect("leases lock");
+            let overdue = |h: &LeaseHolder| h.lost.is_some_and(|lost| lost.elapsed() >= h.heartbeat_interval);
+            leases.iter().filter(|(_, holder)| overdue(holder)).map(|(lease_id, _)| *lease_id).collect()
+        };
+        for lease_id in forgotten {
+            self.lease_ended(lease_id);
+        }
     }
 
     /// Shutdown: stop claiming and tell every stream to reconnect elsewhere. Leases keep their deadlines.
@@ -435,19 +452,14 @@ impl Dispatcher {
             let waited = job.leased_at.map(|leased_at| (leased_at - job.run_at).to_std().unwrap_or_default());
             let queue = job.spec.queue.clone();
             let session = &slots[slot];
-            self.leases
-                .lock()
-                .expect("leases lock")
-                .insert(lease_id, LeaseHolder { session: session.clone(), job_id: job.id, lost: false });
+            let heartbeat_interval = job.spec.lease_ttl / 3;
+            let holder = LeaseHolder { session: session.clone(), job_id: job.id, heartbeat_interval, lost: None };
+            self.leases.lock().expect("leases lock").insert(lease_id, holder);
             let delivered = {
                 let mut state = session.state.lock().expect("session lock");
                 let fits = !state.closed && (state.outstanding.len() as u32) < state.capacity;
-                let event = SessionEvent::Assigned {
-                    lease_id,
-                    lease_expires_at,
-                    heartbeat_interval: job.spec.lease_ttl / 3,
-                    job: Box::new(job),
-                };
+                let event =
+                    SessionEvent::Assigned { lease_id, lease_expires_at, heartbeat_interval, job: Box::new(job) };
                 fits && session.events.send(event).is_ok() && state.outstanding.insert(lease_id)
             };
             if delivered {

@@ -135,7 +135,7 @@ impl Store {
         .bind(slots.iter().map(|s| s.session_id).collect::<Vec<_>>())
         .bind(slots.iter().map(|s| s.worker_id.as_str()).collect::<Vec<_>>())
         .bind(slots.len() as i64)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.claims)
         .await?;
         rows.iter()
             .map(|row| Ok((usize::try_from(row.try_get::<i64, _>("slot")? - 1).unwrap_or(0), rows::job(row)?)))
@@ -319,23 +319,23 @@ impl Store {
     }
 
     /// A reconnected worker names the leases it still runs: move those still current to its new stream.
-    /// Returns `(lease_id, job_id)` of each adopted lease.
+    /// Returns `(lease_id, job_id, lease_ttl)` of each adopted lease.
     pub async fn adopt_leases(
         &self,
         session_id: Uuid,
         worker_id: &str,
         lease_ids: &[Uuid],
-    ) -> Result<Vec<(Uuid, Uuid)>> {
-        let adopted = sqlx::query_as(
+    ) -> Result<Vec<(Uuid, Uuid, Duration)>> {
+        let adopted: Vec<(Uuid, Uuid, i64)> = sqlx::query_as(
             "UPDATE jobs SET session_id = $1, worker_id = $2 \
-             WHERE lease_id = ANY($3) AND state = 'leased' RETURNING lease_id, id",
+             WHERE lease_id = ANY($3) AND state = 'leased' RETURNING lease_id, id, lease_ttl_ms",
         )
         .bind(session_id)
         .bind(worker_id)
         .bind(lease_ids)
         .fetch_all(&self.pool)
         .await?;
-        Ok(adopted)
+        Ok(adopted.into_iter().map(|(lease_id, job_id, ttl)| (lease_id, job_id, rows::duration(ttl))).collect())
     }
 
     /// Which of these leases are still current (for leases settled through another replica).

@@ -73,7 +73,7 @@ macro_rules! lease_facts {
 
 pub(super) use {carried_columns, finished_job, lease_facts, live_depths, live_job, spec_columns};
 
-fn duration(ms: i64) -> Duration {
+pub(super) fn duration(ms: i64) -> Duration {
     Duration::from_millis(u64::try_from(ms).unwrap_or(0))
 }
 

@@ -43,9 +43,11 @@ impl Store {
         Ok(depths)
     }
 
-    /// Open connections, idle and in use, and the most the pool opens.
+    /// Open connections, idle and in use, and the most the pools open (the claims' included).
     pub fn pool_use(&self) -> PoolUse {
-        let (open, idle) = (self.pool.size(), self.pool.num_idle() as u32);
-        PoolUse { idle, in_use: open.saturating_sub(idle), max: self.pool.options().get_max_connections() }
+        let (open, idle) =
+            (self.pool.size() + self.claims.size(), (self.pool.num_idle() + self.claims.num_idle()) as u32);
+        let max = self.pool.options().get_max_connections() + self.claims.options().get_max_connections();
+        PoolUse { idle, in_use: open.saturating_sub(idle), max }
     }
 }

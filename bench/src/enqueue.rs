@@ -18,16 +18,20 @@ use crate::{
 
 /// Clients sending batches.
 const BATCH_CLIENTS: usize = 4;
+/// HTTP/2 connections the single-job clients share (each carries several clients' calls at once, as a web
+/// server's pooled client would).
+const SINGLE_CONNECTIONS: usize = 8;
 
 pub fn spec(queue: &str, payload: impl Into<Vec<u8>>) -> pb::JobSpec {
     pb::JobSpec::new(queue, "noop", payload)
 }
 
-/// The enqueue scenario: `single` one-job RPCs from `clients` connections, then `jobs` jobs in batches of 100
-/// and of 1000.
+/// The enqueue scenario: `single` one-job RPCs from `clients` clients over a few connections, then `jobs` jobs in
+/// batches of 100 and of 1000.
 pub async fn run(env: &Env, single: usize, clients: usize, jobs: usize) -> anyhow::Result<Vec<Figure>> {
-    let took = send(env, "single", single, 1, clients).await?;
-    let name = format!("Enqueue: single-job RPCs, {clients} clients");
+    let connections = clients.min(SINGLE_CONNECTIONS);
+    let took = send(env, "single", single, 1, clients, connections).await?;
+    let name = format!("Enqueue: single-job RPCs, {clients} clients over {connections} connections");
     let mut figures = vec![Figure::rate("enqueue.single", name, single, took).bar(Bar::AtLeast(20_000.0))];
     let took = batches(env, "batch100", jobs, 100).await?;
     let name = format!("Enqueue: batches of 100, {BATCH_CLIENTS} clients");
@@ -40,20 +44,28 @@ pub async fn run(env: &Env, single: usize, clients: usize, jobs: usize) -> anyho
 
 /// `total` jobs on `queue` in Enqueue RPCs of `batch` jobs from 4 connections; how long they took.
 pub async fn batches(env: &Env, queue: &str, total: usize, batch: usize) -> anyhow::Result<Duration> {
-    send(env, queue, total, batch, BATCH_CLIENTS).await
+    send(env, queue, total, batch, BATCH_CLIENTS, BATCH_CLIENTS).await
 }
 
-/// `total` jobs on `queue` in Enqueue RPCs of `batch` jobs from `clients` connections of their own; how long
-/// they took.
-async fn send(env: &Env, queue: &str, total: usize, batch: usize, clients: usize) -> anyhow::Result<Duration> {
+/// `total` jobs on `queue` in Enqueue RPCs of `batch` jobs from `clients` concurrent clients sharing
+/// `connections` connections; how long they took.
+async fn send(
+    env: &Env,
+    queue: &str,
+    total: usize,
+    batch: usize,
+    clients: usize,
+    connections: usize,
+) -> anyhow::Result<Duration> {
     let next = Arc::new(AtomicUsize::new(0));
     let mut connected = Vec::new();
-    for _ in 0..clients {
+    for _ in 0..connections {
         connected.push(env.client().await?);
     }
     let mut tasks = JoinSet::new();
     let started = Instant::now();
-    for mut client in connected {
+    for index in 0..clients {
+        let mut client = connected[index % connections].clone();
         let (next, queue) = (next.clone(), queue.to_owned());
         tasks.spawn(async move {
             loop {

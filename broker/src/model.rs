@@ -71,8 +71,6 @@ pub struct NewJob {
     pub spec: JobSpec,
     /// `None`: due now (database clock).
     pub run_at: Option<DateTime<Utc>>,
-    /// Fingerprint of the spec as the producer sent it, compared when an idempotency key repeats.
-    pub spec_hash: Vec<u8>,
     pub trace: Option<TraceContext>,
 }
 

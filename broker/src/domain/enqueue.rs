@@ -103,9 +103,9 @@ impl EnqueueHandler {
         let mut plan = Plan { answers: Vec::new(), jobs: Vec::new(), keys: Vec::new() };
         let mut mine: HashMap<(String, String), (Uuid, Vec<u8>)> = HashMap::new();
         for (index, request) in specs.iter().enumerate() {
-            let hash = spec_hash(request);
             let id = Uuid::now_v7();
             if let Some(key) = &request.idempotency_key {
+                let hash = spec_hash(request);
                 let pair = (request.queue.clone(), key.clone());
                 if let Some((id, held)) = mine.get(&pair).or_else(|| taken.get(&pair)) {
                     if *held != hash {
@@ -119,18 +119,12 @@ impl EnqueueHandler {
                     continue;
                 }
                 mine.insert(pair, (id, hash.clone()));
-                plan.keys.push(NewKey {
-                    queue: request.queue.clone(),
-                    key: key.clone(),
-                    job_id: id,
-                    spec_hash: hash.clone(),
-                });
+                plan.keys.push(NewKey { queue: request.queue.clone(), key: key.clone(), job_id: id, spec_hash: hash });
             }
             plan.jobs.push(NewJob {
                 id,
                 spec: resolve(request, &self.defaults),
                 run_at: request.run_at,
-                spec_hash: hash,
                 trace: request.trace.clone(),
             });
             plan.answers.push(Enqueued { id, created: true });

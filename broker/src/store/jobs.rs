@@ -1,9 +1,7 @@
 //! The statements on jobs: insert, claim, heartbeat, settle, cancel, reap, retention, reads.
 //!
 //! Every fenced write names `lease_id` and `state = 'leased'` in the same statement that writes; the rows it
-//! returns are the leases that held. Statements marked "hot" run once per batch, never once per job; those that
-//! join a batch of leases also say `lease_id = ANY($1)`, so the planner reaches the rows through the `jobs_lease`
-//! index rather than scanning the backlog.
+//! returns are the leases that held. Statements marked "hot" run once per batch, never once per job.
 
 use std::{collections::HashSet, time::Duration};
 
@@ -170,7 +168,7 @@ impl Store {
                progress_percent = COALESCE(b.percent, progress_percent), \
                progress_message = COALESCE(b.message, progress_message) \
              FROM unnest($1::uuid[], $2::int[], $3::text[]) AS b(beat_lease, percent, message) \
-             WHERE lease_id = ANY($1) AND lease_id = b.beat_lease AND state = 'leased' \
+             WHERE lease_id = b.beat_lease AND state = 'leased' \
              RETURNING lease_id, id, lease_expires_at, cancel_requested, \
                lease_expires_at > clock_timestamp() AS active",
             )
@@ -209,8 +207,7 @@ impl Store {
         let rows = sqlx::query(concat!(
             "SELECT ",
             lease_facts!(),
-            // `lease_id IS NOT NULL` (true of every leased row) lets the planner walk the small `jobs_lease` index.
-            " FROM jobs WHERE lease_id IS NOT NULL AND state = 'leased' AND lease_expires_at <= clock_timestamp() \
+            " FROM jobs WHERE state = 'leased' AND lease_expires_at <= clock_timestamp() \
               ORDER BY lease_expires_at LIMIT $1"
         ))
         .bind(i64::from(limit))
@@ -221,8 +218,10 @@ impl Store {
 
     /// Hot: ends or re-queues every lease of a batch in one fenced statement. A job whose cancel was requested
     /// ends CANCELLED whatever the outcome. Terminal jobs move to `finished_jobs`. Leases that did not hold are
-    /// absent from the answer. The answer is read from `ended` itself (Postgres runs the insert into `finished_jobs`
-    /// to completion although nothing reads it), since the planner would join the two as a nested loop.
+    /// absent from the answer. Its cost stays proportional to the batch whatever the planner's statistics say: the
+    /// answer is read from `ended` itself (Postgres runs the insert into `finished_jobs` to completion although
+    /// nothing reads it) rather than joined with it, and the re-queue branch reads a materialized list of the
+    /// retries and releases only (empty in an all-success batch), never the whole input once per leased row.
     pub async fn settle(&self, items: &[SettleLease]) -> Result<Vec<Settled>> {
         let mut actions = Vec::with_capacity(items.len());
         let mut delays = Vec::with_capacity(items.len());
@@ -249,7 +248,7 @@ impl Store {
                AS i(in_lease, action, delay_ms, new_result, error, only_if_expired)), \
              ended AS ( \
                DELETE FROM jobs j USING input i \
-               WHERE j.lease_id = ANY($1) AND j.lease_id = i.in_lease AND j.state = 'leased' \
+               WHERE j.lease_id = i.in_lease AND j.state = 'leased' \
                  AND (NOT i.only_if_expired OR j.lease_expires_at <= clock_timestamp()) \
                  AND (i.action IN ('succeed', 'fail') OR j.cancel_requested) \
                RETURNING j.*, i.action, i.new_result, i.error, \
@@ -264,16 +263,17 @@ impl Store {
                 ", COALESCE(error, last_error), end_state, clock_timestamp(), \
                  CASE WHEN end_state = 'succeeded' THEN new_result END \
                FROM ended), \
+             requeue_input AS MATERIALIZED (SELECT * FROM input WHERE action IN ('retry', 'release')), \
              requeued AS ( \
                UPDATE jobs j SET state = 'queued', \
                  run_at = clock_timestamp() + i.delay_ms * interval '1 millisecond', \
                  attempt = CASE WHEN i.action = 'release' THEN j.attempt - 1 ELSE j.attempt END, \
                  last_error = COALESCE(i.error, j.last_error), lease_id = NULL, session_id = NULL, \
                  lease_expires_at = NULL, attempt_deadline = NULL \
-               FROM input i \
-               WHERE j.lease_id = ANY($1) AND j.lease_id = i.in_lease AND j.state = 'leased' \
+               FROM requeue_input i \
+               WHERE j.lease_id = i.in_lease AND j.state = 'leased' \
                  AND (NOT i.only_if_expired OR j.lease_expires_at <= clock_timestamp()) \
-                 AND i.action IN ('retry', 'release') AND NOT j.cancel_requested \
+                 AND NOT j.cancel_requested \
                RETURNING i.in_lease AS lease_id, j.id, j.state, j.queue, \
                  extract(epoch FROM clock_timestamp() - j.leased_at)::float8 AS held_s) \
              SELECT lease_id, id, end_state AS state, queue, held_s FROM ended \

@@ -2,8 +2,9 @@
 //!
 //! Streams that subscribe to the same set of queues form a group; one task per group claims jobs for the free
 //! slots of the group's streams with a single statement, then pushes each job down its stream. A claim offers a
-//! few slots at first and twice as many after each claim that came back full, so an idle queue with thousands of
-//! waiting streams claims its one new job cheaply while a backlog is claimed in large batches. A group is
+//! few slots at first and twice as many after each claim that left due jobs behind, so an idle queue with
+//! thousands of waiting streams claims its one new job cheaply while a backlog is claimed in large batches. A
+//! claim that saw every due job is not followed by another until something changes. A group is
 //! woken by enqueues (in-process, or NOTIFY from another replica), by freed capacity, by a timer for the next
 //! scheduled job, and by a slow safety-net poll. Capacity is checked again at delivery, so a stream never holds
 //! more unfinished leases than it declared. This module does not decide retries or talk SQL itself.
@@ -17,7 +18,7 @@ use std::{
     time::Duration,
 };
 
-/// Slots a claim offers after one that came back short; doubled after each full claim, up to `max_claim`.
+/// Slots a claim offers after one that left no due job behind; doubled after each one that did, up to `max_claim`.
 const FIRST_OFFER: usize = 16;
 
 use chrono::{DateTime, Utc};
@@ -102,8 +103,8 @@ impl Session {
 struct Group {
     queues: Arc<[String]>,
     sessions: Mutex<Vec<Arc<Session>>>,
-    /// Due jobs may be waiting: set by enqueues, re-queues, timers and new streams; cleared by a claim that came
-    /// back short. A slot freed while it is clear costs no claim (an idle queue is not polled per completion).
+    /// Due jobs may be waiting: set by enqueues, re-queues, timers and new streams; cleared by a claim that saw
+    /// every due job. A slot freed while it is clear costs no claim (an idle queue is not polled per completion).
     work: AtomicBool,
     wake: Notify,
     stop: CancellationToken,
@@ -418,17 +419,17 @@ impl Dispatcher {
                         break;
                     }
                 };
-                let full = claimed.len() == slots.len();
-                if full {
+                // Only a claim that left due jobs behind calls for another one (after a slot frees, or at once).
+                if claimed.more {
                     group.work.store(true, Ordering::SeqCst);
                     offer = (offer * 2).min(self.settings.max_claim);
                 } else {
                     offer = FIRST_OFFER.min(self.settings.max_claim);
                 }
-                if self.deliver(&slots, claimed).await {
+                if self.deliver(&slots, claimed.jobs).await {
                     group.work.store(true, Ordering::SeqCst);
                 }
-                if !full {
+                if !claimed.more {
                     match self.store.next_due(&group.queues).await {
                         Ok(Some(due)) => deadline = deadline.min(Instant::now() + due + Duration::from_millis(1)),
                         Ok(None) => {}

@@ -36,6 +36,14 @@ pub struct NewKey {
     pub spec_hash: Vec<u8>,
 }
 
+/// What a claim leased, and whether more due jobs were waiting than it had slots for.
+#[derive(Debug)]
+pub struct Claimed {
+    /// Each leased job with the index of the slot it went to.
+    pub jobs: Vec<(usize, Job)>,
+    pub more: bool,
+}
+
 /// How an insert batch ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Inserted {
@@ -100,9 +108,8 @@ impl Store {
     }
 
     /// Hot: leases due jobs of `queues` (paused ones skipped) to the given free slots in one statement, best job to
-    /// the first slot.
-    /// Returns each claimed job with the index of the slot it went to.
-    pub async fn claim(&self, queues: &[String], slots: &[Slot]) -> Result<Vec<(usize, Job)>> {
+    /// the first slot. It looks at one due job more than there are slots, to tell whether more are waiting.
+    pub async fn claim(&self, queues: &[String], slots: &[Slot]) -> Result<Claimed> {
         let rows = sqlx::query(concat!(
             "WITH slots AS ( \
                SELECT slot_session, slot_worker, slot \
@@ -114,10 +121,11 @@ impl Store {
                SELECT c.* FROM open_queues q CROSS JOIN LATERAL ( \
                  SELECT id AS pick, priority AS pick_priority, run_at AS pick_run_at FROM jobs \
                  WHERE queue = q.name AND state = 'queued' AND run_at <= clock_timestamp() \
-                 ORDER BY priority DESC, run_at, id LIMIT $4 FOR UPDATE SKIP LOCKED) c), \
+                 ORDER BY priority DESC, run_at, id LIMIT $4 + 1 FOR UPDATE SKIP LOCKED) c), \
              picked AS ( \
                SELECT pick, row_number() OVER (ORDER BY pick_priority DESC, pick_run_at, pick) AS slot \
-               FROM candidates) \
+               FROM candidates), \
+             seen AS (SELECT count(*) AS seen FROM candidates) \
              UPDATE jobs SET state = 'leased', attempt = attempt + 1, lease_id = gen_random_uuid(), \
                leased_at = clock_timestamp(), \
                session_id = slot_session, worker_id = slot_worker, progress_percent = NULL, \
@@ -125,8 +133,8 @@ impl Store {
                attempt_deadline = clock_timestamp() + execution_timeout_ms * interval '1 millisecond', \
                lease_expires_at = LEAST(clock_timestamp() + lease_ttl_ms * interval '1 millisecond', \
                  clock_timestamp() + execution_timeout_ms * interval '1 millisecond') \
-             FROM picked JOIN slots USING (slot) WHERE id = pick \
-             RETURNING slot, ",
+             FROM picked JOIN slots USING (slot) CROSS JOIN seen WHERE id = pick \
+             RETURNING slot, seen, ",
             live_job!()
         ))
         .bind(queues)
@@ -135,10 +143,15 @@ impl Store {
         .bind(slots.len() as i64)
         .fetch_all(&self.claims)
         .await?;
-        rows.iter()
+        let seen = match rows.first() {
+            Some(row) => usize::try_from(row.try_get::<i64, _>("seen")?).unwrap_or(0),
+            None => 0,
+        };
+        let jobs = rows
+            .iter()
             .map(|row| Ok((usize::try_from(row.try_get::<i64, _>("slot")? - 1).unwrap_or(0), rows::job(row)?)))
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(Into::into)
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        Ok(Claimed { more: seen > jobs.len(), jobs })
     }
 
     /// How long until the next scheduled job of `queues` is due, by the database clock.
@@ -163,12 +176,17 @@ impl Store {
             beats.iter().map(|b| b.progress.as_ref().map(|p| p.message.as_str())).collect();
         let rows = retry_deadlocks(|| {
             sqlx::query(
-            "UPDATE jobs SET \
+            // Each lease is looked up and locked by itself, as in `settle`, then updated by primary key.
+            "WITH held AS MATERIALIZED ( \
+               SELECT b.percent, b.message, l.job_id \
+               FROM unnest($1::uuid[], $2::int[], $3::text[]) AS b(beat_lease, percent, message) \
+               CROSS JOIN LATERAL ( \
+                 SELECT id AS job_id FROM jobs WHERE lease_id = b.beat_lease AND state = 'leased' FOR UPDATE) l) \
+             UPDATE jobs SET \
                lease_expires_at = LEAST(clock_timestamp() + lease_ttl_ms * interval '1 millisecond', attempt_deadline), \
-               progress_percent = COALESCE(b.percent, progress_percent), \
-               progress_message = COALESCE(b.message, progress_message) \
-             FROM unnest($1::uuid[], $2::int[], $3::text[]) AS b(beat_lease, percent, message) \
-             WHERE lease_id = b.beat_lease AND state = 'leased' \
+               progress_percent = COALESCE(h.percent, progress_percent), \
+               progress_message = COALESCE(h.message, progress_message) \
+             FROM held h WHERE id = h.job_id \
              RETURNING lease_id, id, lease_expires_at, cancel_requested, \
                lease_expires_at > clock_timestamp() AS active",
             )
@@ -207,7 +225,9 @@ impl Store {
         let rows = sqlx::query(concat!(
             "SELECT ",
             lease_facts!(),
-            " FROM jobs WHERE state = 'leased' AND lease_expires_at <= clock_timestamp() \
+            // `lease_expires_at IS NOT NULL` is the predicate of the `jobs_expiry` index.
+            " FROM jobs WHERE state = 'leased' AND lease_expires_at IS NOT NULL \
+               AND lease_expires_at <= clock_timestamp() \
               ORDER BY lease_expires_at LIMIT $1"
         ))
         .bind(i64::from(limit))
@@ -218,10 +238,11 @@ impl Store {
 
     /// Hot: ends or re-queues every lease of a batch in one fenced statement. A job whose cancel was requested
     /// ends CANCELLED whatever the outcome. Terminal jobs move to `finished_jobs`. Leases that did not hold are
-    /// absent from the answer. Its cost stays proportional to the batch whatever the planner's statistics say: the
-    /// answer is read from `ended` itself (Postgres runs the insert into `finished_jobs` to completion although
-    /// nothing reads it) rather than joined with it, and the re-queue branch reads a materialized list of the
-    /// retries and releases only (empty in an all-success batch), never the whole input once per leased row.
+    /// absent from the answer. Its cost stays proportional to the batch whatever the planner's statistics say:
+    /// each lease is looked up and locked by itself (`held`: a lateral probe of the `lease_id` index per input
+    /// row, which no join strategy can turn into a scan of every leased row), the rows are then ended or re-queued
+    /// by primary key, and the answer is read from `ended` itself (Postgres runs the insert into `finished_jobs`
+    /// to completion although nothing reads it) rather than joined with it.
     pub async fn settle(&self, items: &[SettleLease]) -> Result<Vec<Settled>> {
         let mut actions = Vec::with_capacity(items.len());
         let mut delays = Vec::with_capacity(items.len());
@@ -246,13 +267,16 @@ impl Store {
                 "WITH input AS ( \
                SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::bytea[], $5::text[], $6::bool[]) \
                AS i(in_lease, action, delay_ms, new_result, error, only_if_expired)), \
+             held AS MATERIALIZED ( \
+               SELECT i.*, l.job_id, l.ends FROM input i CROSS JOIN LATERAL ( \
+                 SELECT id AS job_id, (i.action IN ('succeed', 'fail') OR cancel_requested) AS ends FROM jobs \
+                 WHERE lease_id = i.in_lease AND state = 'leased' \
+                   AND (NOT i.only_if_expired OR lease_expires_at <= clock_timestamp()) \
+                 FOR UPDATE) l), \
              ended AS ( \
-               DELETE FROM jobs j USING input i \
-               WHERE j.lease_id = i.in_lease AND j.state = 'leased' \
-                 AND (NOT i.only_if_expired OR j.lease_expires_at <= clock_timestamp()) \
-                 AND (i.action IN ('succeed', 'fail') OR j.cancel_requested) \
-               RETURNING j.*, i.action, i.new_result, i.error, \
-                 CASE WHEN j.cancel_requested THEN 'cancelled' WHEN i.action = 'succeed' THEN 'succeeded' \
+               DELETE FROM jobs j USING held h WHERE j.id = h.job_id AND h.ends \
+               RETURNING j.*, h.action, h.new_result, h.error, \
+                 CASE WHEN j.cancel_requested THEN 'cancelled' WHEN h.action = 'succeed' THEN 'succeeded' \
                       ELSE 'failed' END AS end_state, \
                  extract(epoch FROM clock_timestamp() - j.leased_at)::float8 AS held_s), \
              finished AS ( \
@@ -263,18 +287,14 @@ impl Store {
                 ", COALESCE(error, last_error), end_state, clock_timestamp(), \
                  CASE WHEN end_state = 'succeeded' THEN new_result END \
                FROM ended), \
-             requeue_input AS MATERIALIZED (SELECT * FROM input WHERE action IN ('retry', 'release')), \
              requeued AS ( \
                UPDATE jobs j SET state = 'queued', \
-                 run_at = clock_timestamp() + i.delay_ms * interval '1 millisecond', \
-                 attempt = CASE WHEN i.action = 'release' THEN j.attempt - 1 ELSE j.attempt END, \
-                 last_error = COALESCE(i.error, j.last_error), lease_id = NULL, session_id = NULL, \
+                 run_at = clock_timestamp() + h.delay_ms * interval '1 millisecond', \
+                 attempt = CASE WHEN h.action = 'release' THEN j.attempt - 1 ELSE j.attempt END, \
+                 last_error = COALESCE(h.error, j.last_error), lease_id = NULL, session_id = NULL, \
                  lease_expires_at = NULL, attempt_deadline = NULL \
-               FROM requeue_input i \
-               WHERE j.lease_id = i.in_lease AND j.state = 'leased' \
-                 AND (NOT i.only_if_expired OR j.lease_expires_at <= clock_timestamp()) \
-                 AND NOT j.cancel_requested \
-               RETURNING i.in_lease AS lease_id, j.id, j.state, j.queue, \
+               FROM held h WHERE j.id = h.job_id AND NOT h.ends \
+               RETURNING h.in_lease AS lease_id, j.id, j.state, j.queue, \
                  extract(epoch FROM clock_timestamp() - j.leased_at)::float8 AS held_s) \
              SELECT lease_id, id, end_state AS state, queue, held_s FROM ended \
              UNION ALL SELECT lease_id, id, state, queue, held_s FROM requeued"

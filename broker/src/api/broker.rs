@@ -79,8 +79,8 @@ fn lease_response(event: SessionEvent) -> Result<pb::LeaseResponse, Status> {
 }
 
 /// The answer to a completion sent on the Lease stream: what the Complete RPC would have answered.
-fn complete_answer(lease_id: String, answer: Result<JobState, Error>) -> pb::LeaseResponse {
-    let answer = match answer {
+fn complete_answer(lease_id: String, answer: Result<JobState, Error>) -> pb::CompleteAnswer {
+    match answer {
         Ok(state) => pb::CompleteAnswer { lease_id, state: convert::state(state).into(), ..Default::default() },
         Err(error) => {
             let status = Status::from(error);
@@ -91,8 +91,7 @@ fn complete_answer(lease_id: String, answer: Result<JobState, Error>) -> pb::Lea
                 ..Default::default()
             }
         }
-    };
-    pb::LeaseResponse { response: Some(pb::lease_response::Response::Completed(answer)) }
+    }
 }
 
 /// Forwards the worker's messages to its session until the worker goes away, then closes the session.
@@ -103,7 +102,7 @@ async fn follow_stream(
     session: Arc<Session>,
     mut inbound: Streaming<pb::LeaseRequest>,
     limits: Limits,
-    answers: mpsc::UnboundedSender<Result<pb::LeaseResponse, Status>>,
+    answers: mpsc::UnboundedSender<pb::CompleteAnswer>,
     gone: CancellationToken,
 ) {
     use pb::lease_request::Request as R;
@@ -115,7 +114,7 @@ async fn follow_stream(
             message = inbound.message(), if reading && completing.len() < most_completing => message,
             Some(answered) = completing.join_next() => {
                 if let Ok(answer) = answered {
-                    let _ = answers.send(Ok(answer));
+                    let _ = answers.send(answer);
                 }
                 continue;
             }
@@ -205,8 +204,11 @@ impl BrokerService for BrokerApi {
         let (answers, answered) = mpsc::unbounded_channel();
         let follow = follow_stream(self.broker.clone(), session, inbound, self.limits.clone(), answers, gone.clone());
         self.tracker.spawn(follow);
-        let stream =
-            UnboundedReceiverStream::new(events).map(lease_response).merge(UnboundedReceiverStream::new(answered));
+        // Answers travel small (a channel preallocates room for a block of them per stream) and become responses
+        // on the way out.
+        let answered = UnboundedReceiverStream::new(answered)
+            .map(|answer| Ok(pb::LeaseResponse { response: Some(pb::lease_response::Response::Completed(answer)) }));
+        let stream = UnboundedReceiverStream::new(events).map(lease_response).merge(answered);
         Ok(Response::new(Box::pin(Guarded { stream, _gone: gone.drop_guard() })))
     }
 

@@ -17,7 +17,10 @@ use std::{
 
 use jobbroker::v1::{self as pb, broker_service_client::BrokerServiceClient};
 use sqlx::Connection as _;
-use support::{common::worker::instant, *};
+use support::{
+    common::{polyglot, worker::instant},
+    *,
+};
 use tokio::{io::AsyncWriteExt as _, process::Command};
 use tonic::transport::Channel;
 
@@ -44,18 +47,7 @@ fn repo() -> &'static Path {
 fn tools() -> &'static Tools {
     static TOOLS: OnceLock<Tools> = OnceLock::new();
     TOOLS.get_or_init(|| {
-        let cache = repo().join("target/polyglot");
-        let output = std::process::Command::new("bash")
-            .arg(repo().join("examples/setup.sh"))
-            .env("JOBBROKER_POLYGLOT_DIR", &cache)
-            .output()
-            .expect("running examples/setup.sh (needs bash, python3 and node with npm)");
-        assert!(
-            output.status.success(),
-            "examples/setup.sh failed ({}):\n{}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        );
+        let cache = polyglot::install();
         Tools {
             python: cache.join("python/venv/bin/python"),
             node_modules: cache.join("node/node_modules"),

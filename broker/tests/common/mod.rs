@@ -8,6 +8,7 @@
 
 #![allow(dead_code)] // every test binary compiles this module and uses a different part of it
 
+pub mod polyglot;
 pub mod tls;
 pub mod worker;
 

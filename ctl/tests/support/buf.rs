@@ -4,25 +4,15 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::{Command, Output},
+    process::Output,
 };
+
+#[path = "../../../broker/tests/common/polyglot.rs"]
+mod polyglot;
 
 /// The `buf` executable, installed if needed. Blocks (call it from `spawn_blocking`).
 pub fn install() -> PathBuf {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("the workspace root");
-    let cache = repo.join("target/polyglot");
-    let output = Command::new("bash")
-        .arg(repo.join("examples/setup.sh"))
-        .env("JOBBROKER_POLYGLOT_DIR", &cache)
-        .output()
-        .expect("running examples/setup.sh (needs bash, python3 and node with npm)");
-    assert!(
-        output.status.success(),
-        "examples/setup.sh failed ({}):\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    cache.join("buf/node_modules/.bin/buf")
+    polyglot::install().join("buf/node_modules/.bin/buf")
 }
 
 /// Runs `buf curl --protocol grpc --http2-prior-knowledge ARGS…`.

@@ -385,7 +385,7 @@ async fn session<H: Handler>(
     let _ = requests.send(pb::LeaseRequest { request: Some(lease_request::Request::Register(register)) }).await;
     let mut inbound = client.lease(ReceiverStream::new(outbound)).await?.into_inner();
     tracing::info!(broker = %address, worker = %shared.options.worker_id, "connected");
-    let link = Link { client, requests: requests.clone(), answers: Arc::new(Mutex::new(Some(HashMap::new()))) };
+    let link = Link { client, requests, answers: Arc::new(Mutex::new(Some(HashMap::new()))) };
     shared.link.send_replace(Some(link.clone()));
     shared.beat_now.notify_one();
     let mut drain_sent = draining;
@@ -399,7 +399,7 @@ async fn session<H: Handler>(
                 drain_sent = true;
                 let capacity = pb::SetCapacity { capacity: 0 };
                 let request = pb::LeaseRequest { request: Some(lease_request::Request::Capacity(capacity)) };
-                let _ = requests.send(request).await;
+                let _ = link.requests.send(request).await;
                 continue;
             }
             () = shared.job_done.notified() => continue,

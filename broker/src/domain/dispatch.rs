@@ -18,9 +18,6 @@ use std::{
     time::Duration,
 };
 
-/// Slots a claim offers after one that left no due job behind; doubled after each one that did, up to `max_claim`.
-const FIRST_OFFER: usize = 16;
-
 use chrono::{DateTime, Utc};
 use tokio::{
     sync::{Notify, mpsc},
@@ -36,6 +33,9 @@ use crate::{
     model::{Job, Settle, SettleLease, Slot},
     store::{SessionRecord, Store},
 };
+
+/// Slots a claim offers after one that left no due job behind; doubled after each one that did, up to `max_claim`.
+const FIRST_OFFER: usize = 16;
 
 /// What the broker tells one worker stream.
 #[derive(Debug)]
@@ -389,7 +389,8 @@ impl Dispatcher {
     async fn run_group(self: Arc<Self>, group: Arc<Group>) {
         // When to look again without being woken: the safety-net poll, or sooner when a scheduled job comes due.
         let mut deadline = Instant::now();
-        let mut offer = FIRST_OFFER.min(self.settings.max_claim);
+        let first_offer = FIRST_OFFER.min(self.settings.max_claim);
+        let mut offer = first_offer;
         loop {
             tokio::select! {
                 () = group.wake.notified() => {}
@@ -424,7 +425,7 @@ impl Dispatcher {
                     group.work.store(true, Ordering::SeqCst);
                     offer = (offer * 2).min(self.settings.max_claim);
                 } else {
-                    offer = FIRST_OFFER.min(self.settings.max_claim);
+                    offer = first_offer;
                 }
                 if self.deliver(&slots, claimed.jobs).await {
                     group.work.store(true, Ordering::SeqCst);

@@ -4,7 +4,14 @@
 //! Pause is enforced by the claim statement itself (so it holds on every replica at once); this module records it
 //! and wakes workers on resume. Queue bounds are cached here for the enqueue path and refreshed in the background.
 
-use std::{collections::HashMap, sync::RwLock, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{
+        RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use uuid::Uuid;
 
@@ -24,27 +31,38 @@ const FULL_QUEUE_RETRY: Duration = Duration::from_secs(1);
 
 /// The max depth of every bounded queue, as last read from the database.
 #[derive(Default)]
-pub struct QueueBounds(RwLock<HashMap<String, u64>>);
+pub struct QueueBounds {
+    bounds: RwLock<HashMap<String, u64>>,
+    /// Bounds set through this replica so far: a refresh whose read may predate one of them is not applied.
+    sets: AtomicU64,
+}
 
 impl QueueBounds {
     /// The bound of each of `queues` that has one.
     pub fn of<'a>(&self, queues: impl IntoIterator<Item = &'a str>) -> Vec<(String, u64)> {
-        let bounds = self.0.read().expect("bounds lock");
+        let bounds = self.bounds.read().expect("bounds lock");
         queues.into_iter().filter_map(|q| bounds.get(q).map(|max| (q.to_owned(), *max))).collect()
     }
 
+    /// Records a bound this replica just wrote to the database.
     fn set(&self, queue: &str, max_depth: Option<u64>) {
-        let mut bounds = self.0.write().expect("bounds lock");
+        let mut bounds = self.bounds.write().expect("bounds lock");
         match max_depth {
             Some(max) => bounds.insert(queue.to_owned(), max),
             None => bounds.remove(queue),
         };
+        self.sets.fetch_add(1, Ordering::SeqCst);
     }
 
-    /// Re-reads every bound from the database (bounds set through another replica arrive this way).
+    /// Re-reads every bound from the database (bounds set through another replica arrive this way). A bound set
+    /// through this replica while the read was under way wins; the next refresh reads it back.
     pub async fn refresh(&self, store: &Store) -> Result<()> {
-        let bounds = store.queue_bounds().await?;
-        *self.0.write().expect("bounds lock") = bounds.into_iter().collect();
+        let before = self.sets.load(Ordering::SeqCst);
+        let read = store.queue_bounds().await?;
+        let mut bounds = self.bounds.write().expect("bounds lock");
+        if self.sets.load(Ordering::SeqCst) == before {
+            *bounds = read.into_iter().collect();
+        }
         Ok(())
     }
 }

@@ -171,6 +171,65 @@ async fn an_acknowledged_batch_of_1000_jobs_is_all_stored() {
     broker.stop().await;
 }
 
+/// A job that sets every field of its spec, each value depending on `i`.
+fn spelled_out(i: u32, payload: &str) -> pb::JobSpec {
+    let seconds = |s: u32| Some(std::time::Duration::from_secs(u64::from(s)).try_into().expect("a duration"));
+    pb::JobSpec {
+        priority: i as i32 * 10 - 5,
+        run_at: Some(prost_types::Timestamp { seconds: 4_000_000_000 + i64::from(i), nanos: 0 }),
+        max_attempts: 3 + i,
+        lease_ttl: seconds(10 + i),
+        execution_timeout: seconds(60 + i),
+        idempotency_key: format!("key-{i}-{payload}"),
+        retry: Some(pb::RetryPolicy {
+            initial_backoff: seconds(1 + i),
+            max_backoff: seconds(100 + i),
+            multiplier: 1.5 + f64::from(i),
+        }),
+        metadata: [(format!("k{i}"), format!("v{i}"))].into(),
+        ..pb::JobSpec::new(format!("spelled-{i}"), format!("kind-{i}"), payload.to_owned())
+    }
+}
+
+/// The insert binds a column once when every job of the batch shares its value, and per job otherwise: both ways
+/// every job must come back from GetJob exactly as it was sent.
+#[tokio::test]
+async fn each_job_is_stored_as_sent_whether_its_batch_shares_a_value_or_not() {
+    let (broker, mut client, _database) = setup().await;
+    let sparse = pb::JobSpec::new("spelled-9", "kind-9", "sparse");
+    let mixed = vec![spelled_out(0, "a"), spelled_out(1, "b"), sparse.clone()];
+    let shared = vec![spelled_out(5, "c"), spelled_out(5, "d")]
+        .into_iter()
+        .map(|spec| pb::JobSpec { idempotency_key: String::new(), ..spec })
+        .collect::<Vec<_>>();
+
+    for batch in [mixed.clone(), shared.clone()] {
+        let answer = enqueue(&mut client, batch.clone()).await.expect("a valid batch");
+        for (sent, enqueued) in batch.iter().zip(answer) {
+            let job = client
+                .get_job(pb::GetJobRequest { id: enqueued.id })
+                .await
+                .expect("the job")
+                .into_inner()
+                .job
+                .expect("a job");
+            let stored = job.spec.expect("a spec");
+            if *sent == sparse {
+                assert_eq!(
+                    (stored.queue, stored.kind, stored.payload),
+                    (sent.queue.clone(), sent.kind.clone(), sent.payload.clone())
+                );
+                assert_eq!(stored.idempotency_key, "", "no other job's key");
+                assert!(stored.metadata.is_empty(), "no other job's metadata");
+                assert_eq!(job.run_at, job.created_at, "due at once, not at another job's run_at");
+            } else {
+                assert_eq!(&stored, sent, "stored as sent");
+            }
+        }
+    }
+    broker.stop().await;
+}
+
 #[tokio::test]
 async fn concurrent_single_job_enqueues_are_all_acknowledged_and_stored() {
     let (broker, client, database) = setup().await;

@@ -29,6 +29,15 @@ const MAX_BEATS: usize = 1000;
 /// Longest `tracestate` kept (W3C asks vendors to propagate at least 512 characters).
 const MAX_TRACESTATE: usize = 512;
 
+/// A field name spelled out only if the field turns out bad (the hot path checks every job of a batch).
+struct Lazy<F>(F);
+
+impl<F: FnOnce() -> String> From<Lazy<F>> for String {
+    fn from(lazy: Lazy<F>) -> String {
+        (lazy.0)()
+    }
+}
+
 /// Collects every violation of a request, so one answer names all bad fields.
 #[derive(Default)]
 struct Check(Vec<Violation>);
@@ -54,7 +63,6 @@ impl Check {
 
     /// An optional duration: unset stays `None`; set must be ≥ 1 ms and ≤ 30 days.
     fn duration(&mut self, field: impl Into<String>, value: Option<&prost_types::Duration>) -> Option<Duration> {
-        let field = field.into();
         let value = value?;
         match Duration::try_from(*value) {
             Ok(d) if d < Duration::from_millis(1) => self.fail(field, "must be positive (at least 1ms)"),
@@ -164,7 +172,7 @@ fn job_spec(
     trace: Option<TraceContext>,
     limits: &Limits,
 ) -> SpecRequest {
-    let field = |name: &str| format!("jobs[{index}].{name}");
+    let field = |name: &'static str| Lazy(move || format!("jobs[{index}].{name}"));
     check.name(field("queue"), &spec.queue);
     check.name(field("kind"), &spec.kind);
     check.max_len(field("payload"), spec.payload.len(), limits.max_payload_bytes);
@@ -189,8 +197,9 @@ fn job_spec(
         if key.is_empty() {
             check.fail(field("metadata"), "keys must not be empty");
         }
-        check.max_len(field(&format!("metadata[{}]", clip(key))), key.len(), MAX_METADATA_KEY);
-        check.max_len(field(&format!("metadata[{}]", clip(key))), value.len(), MAX_METADATA_VALUE);
+        let field = || Lazy(move || format!("jobs[{index}].metadata[{}]", clip(key)));
+        check.max_len(field(), key.len(), MAX_METADATA_KEY);
+        check.max_len(field(), value.len(), MAX_METADATA_VALUE);
     }
     let lease_ttl = check.duration(field("lease_ttl"), spec.lease_ttl.as_ref());
     let execution_timeout = check.duration(field("execution_timeout"), spec.execution_timeout.as_ref());

@@ -5,8 +5,7 @@
 
 use std::{collections::HashSet, time::Duration};
 
-use chrono::{DateTime, Utc};
-use sqlx::{PgExecutor, Row, types::Json};
+use sqlx::{Encode, PgExecutor, Postgres, Row, Type, postgres::PgArguments, query::Query, types::Json};
 use uuid::Uuid;
 
 use super::{
@@ -17,6 +16,8 @@ use crate::{
     error::Result,
     model::{Beat, BeatAnswer, Job, LeaseFacts, NewJob, Settle, SettleLease, Settled, Slot},
 };
+
+type PgQuery<'q> = Query<'q, Postgres, PgArguments>;
 
 /// An idempotency key already held by a retained job.
 #[derive(Debug, Clone)]
@@ -438,42 +439,61 @@ impl Store {
 
 /// Inserts the jobs and sends one NOTIFY, in one statement.
 async fn insert_and_notify<'e>(executor: impl PgExecutor<'e>, jobs: &[NewJob], notify: &str) -> Result<()> {
-    let metadata: Vec<Json<_>> = jobs.iter().map(|j| Json(&j.spec.metadata)).collect();
-    sqlx::query(
+    // Ids and payloads differ per job; every other column is usually shared by the whole batch (one producer's
+    // jobs), so it is bound once (see `bind_column`) and the statement reads `COALESCE(element, shared value)`.
+    let query = sqlx::query(
         "WITH inserted AS ( \
            INSERT INTO jobs (id, queue, kind, payload, priority, run_at, max_attempts, lease_ttl_ms, \
              execution_timeout_ms, idempotency_key, initial_backoff_ms, max_backoff_ms, backoff_multiplier, \
              metadata, created_at, traceparent, tracestate) \
-           SELECT id, queue, kind, payload, priority, COALESCE(run_at, now()), max_attempts, lease_ttl_ms, \
-             execution_timeout_ms, idempotency_key, initial_backoff_ms, max_backoff_ms, backoff_multiplier, \
-             metadata, now(), traceparent, tracestate \
-           FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[], $5::int[], $6::timestamptz[], $7::int[], \
-             $8::bigint[], $9::bigint[], $10::text[], $11::bigint[], $12::bigint[], $13::float8[], $14::jsonb[], \
-             $17::text[], $18::text[]) \
-           AS t(id, queue, kind, payload, priority, run_at, max_attempts, lease_ttl_ms, execution_timeout_ms, \
+           SELECT id, COALESCE(queue, $4), COALESCE(kind, $6), payload, COALESCE(priority, $8), \
+             COALESCE(run_at, $10, now()), COALESCE(max_attempts, $12), COALESCE(lease_ttl_ms, $14), \
+             COALESCE(execution_timeout_ms, $16), COALESCE(idempotency_key, $18), \
+             COALESCE(initial_backoff_ms, $20), COALESCE(max_backoff_ms, $22), COALESCE(backoff_multiplier, $24), \
+             COALESCE(metadata, $26), now(), COALESCE(traceparent, $28), COALESCE(tracestate, $30) \
+           FROM unnest($1::uuid[], $2::bytea[], $3::text[], $5::text[], $7::int[], $9::timestamptz[], $11::int[], \
+             $13::bigint[], $15::bigint[], $17::text[], $19::bigint[], $21::bigint[], $23::float8[], $25::jsonb[], \
+             $27::text[], $29::text[]) \
+           AS t(id, payload, queue, kind, priority, run_at, max_attempts, lease_ttl_ms, execution_timeout_ms, \
              idempotency_key, initial_backoff_ms, max_backoff_ms, backoff_multiplier, metadata, traceparent, \
              tracestate)) \
-         SELECT pg_notify($15, $16)",
+         SELECT pg_notify($31, $32)",
     )
     .bind(jobs.iter().map(|j| j.id).collect::<Vec<_>>())
-    .bind(jobs.iter().map(|j| j.spec.queue.as_str()).collect::<Vec<_>>())
-    .bind(jobs.iter().map(|j| j.spec.kind.as_str()).collect::<Vec<_>>())
-    .bind(jobs.iter().map(|j| j.spec.payload.as_slice()).collect::<Vec<_>>())
-    .bind(jobs.iter().map(|j| j.spec.priority).collect::<Vec<_>>())
-    .bind(jobs.iter().map(|j| j.run_at).collect::<Vec<Option<DateTime<Utc>>>>())
-    .bind(jobs.iter().map(|j| j.spec.max_attempts as i32).collect::<Vec<_>>())
-    .bind(jobs.iter().map(|j| millis(j.spec.lease_ttl)).collect::<Vec<_>>())
-    .bind(jobs.iter().map(|j| j.spec.execution_timeout.map(millis)).collect::<Vec<_>>())
-    .bind(jobs.iter().map(|j| j.spec.idempotency_key.as_deref()).collect::<Vec<_>>())
-    .bind(jobs.iter().map(|j| millis(j.spec.retry.initial)).collect::<Vec<_>>())
-    .bind(jobs.iter().map(|j| millis(j.spec.retry.max)).collect::<Vec<_>>())
-    .bind(jobs.iter().map(|j| j.spec.retry.multiplier).collect::<Vec<_>>())
-    .bind(metadata)
-    .bind(super::ENQUEUED_CHANNEL)
-    .bind(notify)
-    .bind(jobs.iter().map(|j| j.trace.as_ref().map(|t| t.traceparent.as_str())).collect::<Vec<_>>())
-    .bind(jobs.iter().map(|j| j.trace.as_ref().and_then(|t| t.tracestate.as_deref())).collect::<Vec<_>>())
-    .execute(executor)
-    .await?;
+    .bind(jobs.iter().map(|j| j.spec.payload.as_slice()).collect::<Vec<_>>());
+    let query = bind_column(query, jobs.iter().map(|j| j.spec.queue.as_str()));
+    let query = bind_column(query, jobs.iter().map(|j| j.spec.kind.as_str()));
+    let query = bind_column(query, jobs.iter().map(|j| j.spec.priority));
+    let query = bind_column(query, jobs.iter().map(|j| j.run_at));
+    let query = bind_column(query, jobs.iter().map(|j| j.spec.max_attempts as i32));
+    let query = bind_column(query, jobs.iter().map(|j| millis(j.spec.lease_ttl)));
+    let query = bind_column(query, jobs.iter().map(|j| j.spec.execution_timeout.map(millis)));
+    let query = bind_column(query, jobs.iter().map(|j| j.spec.idempotency_key.as_deref()));
+    let query = bind_column(query, jobs.iter().map(|j| millis(j.spec.retry.initial)));
+    let query = bind_column(query, jobs.iter().map(|j| millis(j.spec.retry.max)));
+    let query = bind_column(query, jobs.iter().map(|j| j.spec.retry.multiplier));
+    let query = bind_column(query, jobs.iter().map(|j| Json(&j.spec.metadata)));
+    let query = bind_column(query, jobs.iter().map(|j| j.trace.as_ref().map(|t| t.traceparent.as_str())));
+    let query = bind_column(query, jobs.iter().map(|j| j.trace.as_ref().and_then(|t| t.tracestate.as_deref())));
+    query.bind(super::ENQUEUED_CHANNEL).bind(notify).execute(executor).await?;
     Ok(())
+}
+
+/// Binds one column of a multi-row insert as two parameters: the array of every row's value and `NULL`, or, when
+/// all rows share one value, an empty array and that value, so Postgres decodes it once instead of once per row
+/// (`unnest` pads the empty array with NULLs, which `COALESCE` replaces by the shared value; a shared NULL stays
+/// NULL).
+fn bind_column<'q, T>(query: PgQuery<'q>, values: impl Iterator<Item = T>) -> PgQuery<'q>
+where
+    T: 'q + PartialEq + Encode<'q, Postgres> + Type<Postgres>,
+    Vec<T>: Encode<'q, Postgres> + Type<Postgres>,
+{
+    let mut each: Vec<T> = values.collect();
+    if each.windows(2).all(|pair| pair[0] == pair[1]) {
+        let shared = each.pop();
+        each.clear();
+        query.bind(each).bind(shared)
+    } else {
+        query.bind(each).bind(None::<T>)
+    }
 }

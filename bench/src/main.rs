@@ -42,6 +42,9 @@ struct Args {
     /// Run only these scenarios (comma-separated); default all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<Scenario>,
+    /// Run every scenario (and the peer) this many times, in rounds, and report each figure's median and range.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=9))]
+    repeat: u32,
     /// Afterwards, run this peer benchmark script (graphile-worker's run.sh) on the same Postgres and report ratios.
     #[arg(long, value_name = "PATH")]
     peer: Option<PathBuf>,
@@ -172,32 +175,40 @@ fn serve_broker(args: Vec<String>) -> anyhow::Result<()> {
 async fn measure(args: Args) -> anyhow::Result<()> {
     let (server_url, _postgres) = env::postgres().await?;
     let sizes = if args.smoke { Sizes::smoke() } else { args.sizes.clone() };
-    let mut figures = Vec::new();
+    let mut rounds = Vec::new();
     let mut failed = Vec::new();
-    if let Some(agent) = &args.agent {
-        let env = Env::start(&server_url, "agent", &[]).await?;
-        figures = agent::run(&env, agent, args.agent_jobs, args.agent_capacity).await?;
-        env.finish().await?;
-    } else {
-        for scenario in Scenario::value_variants() {
-            if args.only.is_empty() || args.only.contains(scenario) {
-                // One scenario failing (a broker bug, a timeout) should not hide what the others measured.
-                match run(*scenario, &server_url, &sizes).await {
-                    Ok(measured) => figures.extend(measured),
-                    Err(error) => failed.push(format!("{scenario:?}: {error:#}")),
+    for round in 1..=args.repeat {
+        if args.repeat > 1 {
+            eprintln!("bench: round {round} of {}", args.repeat);
+        }
+        let mut figures = Vec::new();
+        if let Some(agent) = &args.agent {
+            let env = Env::start(&server_url, "agent", &[]).await?;
+            figures = agent::run(&env, agent, args.agent_jobs, args.agent_capacity).await?;
+            env.finish().await?;
+        } else {
+            for scenario in Scenario::value_variants() {
+                if args.only.is_empty() || args.only.contains(scenario) {
+                    // One scenario failing (a broker bug, a timeout) should not hide what the others measured.
+                    match run(*scenario, &server_url, &sizes).await {
+                        Ok(measured) => figures.extend(measured),
+                        Err(error) => failed.push(format!("round {round}, {scenario:?}: {error:#}")),
+                    }
                 }
             }
         }
-    }
-    if let Some(script) = &args.peer {
-        eprintln!("bench: peer {}…", script.display());
-        match peer::run(script, &server_url, sizes.jobs).await {
-            Ok(measured) => figures.extend(measured),
-            Err(error) => failed.push(format!("peer: {error:#}")),
+        if let Some(script) = &args.peer {
+            eprintln!("bench: peer {}…", script.display());
+            match peer::run(script, &server_url, sizes.jobs).await {
+                Ok(measured) => figures.extend(measured),
+                Err(error) => failed.push(format!("round {round}, peer: {error:#}")),
+            }
         }
+        // Comparisons within the round: only back-to-back figures make a meaningful ratio on a shared machine.
+        figures.extend(report::derived(&figures));
+        rounds.push(figures);
     }
-    figures.extend(report::derived(&figures));
-    report::print(&figures, args.json);
+    report::print(&report::medians(&rounds), args.json);
     anyhow::ensure!(failed.is_empty(), "scenarios failed:\n{}", failed.join("\n"));
     Ok(())
 }

@@ -3,7 +3,8 @@
 //! Besides what the scenarios measured, the report derives two kinds of comparison: each broker figure as a
 //! fraction of the database limit measured on the same Postgres in the same run, and each figure as a ratio to
 //! the peer's (graphile-worker) when `--peer` ran it right after. The bench asserts nothing; "met" only says how
-//! a figure compares with the bar of the performance issue.
+//! a figure compares with the bar of the performance issue. With `--repeat N` each figure is the median of N rounds
+//! (comparisons are taken within each round, then their median), and the lowest and highest are shown beside it.
 
 use std::time::Duration;
 
@@ -16,6 +17,8 @@ pub struct Figure {
     pub value: f64,
     pub unit: &'static str,
     pub bar: Option<Bar>,
+    /// Lowest and highest over the rounds, when `value` is the median of several.
+    pub range: Option<(f64, f64)>,
 }
 
 /// The target a figure is held to.
@@ -43,7 +46,7 @@ impl Bar {
 
 impl Figure {
     pub fn new(key: impl Into<String>, name: impl Into<String>, value: f64, unit: &'static str) -> Figure {
-        Figure { key: key.into(), name: name.into(), value, unit, bar: None }
+        Figure { key: key.into(), name: name.into(), value, unit, bar: None, range: None }
     }
 
     pub fn rate(key: &str, name: impl Into<String>, jobs: usize, took: Duration) -> Figure {
@@ -73,6 +76,35 @@ pub fn percentiles(key: &str, name: &str, samples: &mut [Duration], bars: [Optio
         figure.bar = bar;
     }
     figures
+}
+
+/// Each figure any round measured, in the order first seen, as the median of the rounds that measured it. Figures
+/// are matched by key and, among figures sharing a key (the peer reports its bulk enqueue twice), by order.
+pub fn medians(rounds: &[Vec<Figure>]) -> Vec<Figure> {
+    let mut merged: Vec<((&str, usize), &Figure, Vec<f64>)> = Vec::new();
+    for round in rounds {
+        let mut seen = std::collections::HashMap::<&str, usize>::new();
+        for figure in round {
+            let nth = seen.entry(figure.key.as_str()).or_default();
+            *nth += 1;
+            let id = (figure.key.as_str(), *nth);
+            match merged.iter_mut().find(|(other, _, _)| *other == id) {
+                Some((_, _, values)) => values.push(figure.value),
+                None => merged.push((id, figure, vec![figure.value])),
+            }
+        }
+    }
+    merged
+        .into_iter()
+        .map(|(_, figure, mut values)| {
+            values.sort_by(f64::total_cmp);
+            let middle = values.len() / 2;
+            let median =
+                if values.len() % 2 == 1 { values[middle] } else { (values[middle - 1] + values[middle]) / 2.0 };
+            let range = (rounds.len() > 1).then(|| (values[0], values[values.len() - 1]));
+            Figure { value: median, range, ..figure.clone() }
+        })
+        .collect()
 }
 
 /// Broker figures read as a fraction of what raw SQL does on the same Postgres: (ours, the limit, what).
@@ -130,6 +162,7 @@ pub fn print(figures: &[Figure], json: bool) {
                 serde_json::json!({
                     "key": f.key, "name": f.name, "value": f.value, "unit": f.unit,
                     "bar": f.bar.map(Bar::text), "met": f.bar.map(|bar| bar.met(f.value)),
+                    "min": f.range.map(|r| r.0), "max": f.range.map(|r| r.1),
                 })
             })
             .collect();
@@ -137,14 +170,25 @@ pub fn print(figures: &[Figure], json: bool) {
         return;
     }
     let width = figures.iter().map(|f| f.name.chars().count()).max().unwrap_or(0);
-    println!("| {:width$} | {:>12} | {:6} | {:>10} | met |", "figure", "value", "unit", "bar");
-    println!("|{}|{}:|{}|{}:|-----|", "-".repeat(width + 2), "-".repeat(13), "-".repeat(8), "-".repeat(11));
+    let ranges = figures.iter().any(|f| f.range.is_some());
+    let (range_head, range_rule) = if ranges {
+        (format!(" {:>21} |", "lowest – highest"), format!("{}:|", "-".repeat(22)))
+    } else {
+        Default::default()
+    };
+    println!("| {:width$} | {:>12} |{range_head} {:6} | {:>10} | met |", "figure", "value", "unit", "bar");
+    println!("|{}|{}:|{range_rule}{}|{}:|-----|", "-".repeat(width + 2), "-".repeat(13), "-".repeat(8), "-".repeat(11));
     for f in figures {
         let (bar, met) = match f.bar {
             Some(bar) => (bar.text(), if bar.met(f.value) { "yes" } else { "NO" }),
             None => (String::new(), ""),
         };
-        println!("| {:width$} | {:>12} | {:6} | {:>10} | {met:3} |", f.name, number(f.value), f.unit, bar);
+        let range = match f.range {
+            Some((low, high)) if ranges => format!(" {:>21} |", format!("{} – {}", number(low), number(high))),
+            _ if ranges => format!(" {:>21} |", ""),
+            _ => String::new(),
+        };
+        println!("| {:width$} | {:>12} |{range} {:6} | {:>10} | {met:3} |", f.name, number(f.value), f.unit, bar);
     }
 }
 
@@ -164,5 +208,32 @@ fn number(value: f64) -> String {
         format!("{value:.1}")
     } else {
         format!("{value:.2}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Figure, medians};
+
+    #[test]
+    fn medians_match_figures_by_key_and_order_and_keep_the_range() {
+        let round = |values: &[(&str, f64)]| values.iter().map(|(k, v)| Figure::new(*k, *k, *v, "x")).collect();
+        let rounds = vec![
+            round(&[("a", 3.0), ("bulk", 10.0), ("bulk", 20.0)]),
+            round(&[("a", 1.0), ("bulk", 30.0), ("bulk", 40.0), ("late", 7.0)]),
+            round(&[("a", 2.0), ("bulk", 50.0), ("bulk", 60.0), ("late", 9.0)]),
+        ];
+        let summary: Vec<_> = medians(&rounds).into_iter().map(|f| (f.key, f.value, f.range)).collect();
+        assert_eq!(
+            summary,
+            [
+                ("a".into(), 2.0, Some((1.0, 3.0))),
+                ("bulk".into(), 30.0, Some((10.0, 50.0))),
+                ("bulk".into(), 40.0, Some((20.0, 60.0))),
+                ("late".into(), 8.0, Some((7.0, 9.0))),
+            ]
+        );
+        let single: Vec<_> = medians(&rounds[..1]).into_iter().map(|f| f.range).collect();
+        assert_eq!(single, [None, None, None], "one round has no range");
     }
 }

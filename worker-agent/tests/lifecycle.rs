@@ -208,8 +208,13 @@ async fn an_agent_frozen_past_its_leases_loses_them_and_its_late_result_is_refus
         assert_eq!(job.attempt, 2, "the frozen agent's attempt was lost once: {job:#?}");
         assert_eq!(job.last_error, "lease expired");
     }
-    assert_eq!(dir.lines(&format!("b-{short}.runs")), ["2"]);
-    assert_eq!(dir.lines(&format!("b-{long}.runs")), ["2"]);
+    // Leased to B is recorded before B's command starts: wait for the command's first line.
+    for id in [&short, &long] {
+        let runs = format!("b-{id}.runs");
+        wait_for("agent-b to start the job's command", SOON, || async { (!dir.lines(&runs).is_empty()).then_some(()) })
+            .await;
+        assert_eq!(dir.lines(&runs), ["2"], "agent-b ran the second attempt of job {id} once");
+    }
     assert!(process_alive(long_pid) && process_alive(long_child), "the long job runs on while A is frozen");
 
     a.kill(libc::SIGCONT);

@@ -72,6 +72,9 @@ pub struct NewJob {
     /// `None`: due now (database clock).
     pub run_at: Option<DateTime<Utc>>,
     pub trace: Option<TraceContext>,
+    /// A free slot of a waiting stream on this replica: the insert itself leases the job to it (unless its queue
+    /// is paused), so no claim is needed.
+    pub lease_to: Option<Slot>,
 }
 
 /// The W3C trace context (`traceparent`, `tracestate`) of the Enqueue request that created a job; the worker gets

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::{collections::HashSet, time::Duration};
 
 use broker::config::Settings;
 use common::{TestBroker, test_database, wait_for, worker::*};
@@ -230,15 +230,21 @@ async fn pause_stops_dispatch_on_every_replica_and_resume_restarts_it() {
     let paused = admin_a.pause_queue(pb::PauseQueueRequest { queue: "steerable".into() }).await.expect("pause");
     assert!(paused.into_inner().stats.expect("stats").paused);
     let id = enqueue(&mut client_a, vec![pb::JobSpec::new("steerable", "k", b"held".to_vec())]).await.remove(0);
-    // Longer than the safety-net poll (1 s): neither the NOTIFY nor the poll hands the job out.
+    // On the worker's own replica an enqueue would lease the job to the idle worker in its insert: not while paused.
+    let mut client_b = replica_b.client().await;
+    let local = enqueue(&mut client_b, vec![pb::JobSpec::new("steerable", "k", b"held too".to_vec())]).await.remove(0);
+    // Longer than the safety-net poll (1 s): neither the NOTIFY nor the poll hands the jobs out.
     worker.expect_nothing(Duration::from_millis(1500)).await;
     let held = stats(&mut admin_a, "steerable").await;
-    assert_eq!((held.queued, held.paused), (1, true), "Enqueue still works while paused");
+    assert_eq!((held.queued, held.paused), (2, true), "Enqueue still works while paused");
 
     let started = std::time::Instant::now();
     admin_a.resume_queue(pb::ResumeQueueRequest { queue: "steerable".into() }).await.expect("resume");
-    let assignment = worker.assignment(WAIT).await;
-    assert_eq!(assignment.job.expect("job").id, id);
+    let mut delivered = HashSet::new();
+    for _ in 0..2 {
+        delivered.insert(worker.assignment(WAIT).await.job.expect("job").id);
+    }
+    assert_eq!(delivered, HashSet::from([id, local]));
     assert!(started.elapsed() < Duration::from_millis(900), "resume wakes the other replica's worker at once");
     assert!(!stats(&mut admin_a, "steerable").await.paused);
 }

@@ -15,6 +15,7 @@ use std::{
 use broker::config::Settings;
 use common::{TestBroker, test_database, worker::*};
 use jobbroker::v1::{self as pb, lease_response};
+use sqlx::{Connection as _, PgConnection};
 
 /// Long enough for a delivery that is due to arrive on a loaded machine.
 const ARRIVES: Duration = Duration::from_secs(5);
@@ -118,6 +119,51 @@ async fn a_job_enqueued_while_a_worker_waits_is_pushed_at_once() {
     println!("enqueue → assignment latencies: {latencies:?}");
     let worst = latencies.iter().max().copied().unwrap_or_default();
     assert!(worst < Duration::from_millis(500), "a waiting worker got a new job only after {worst:?}");
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn jobs_enqueued_for_an_idle_worker_are_leased_by_their_insert_best_first() {
+    let database = test_database().await;
+    let mut settings = Settings::with_database(database.clone());
+    settings.poll_interval = Duration::from_secs(30);
+    let broker = TestBroker::start(settings).await;
+    let mut client = broker.client().await;
+    let mut worker = TestWorker::connect(client.clone(), "idle", &["direct"], 2).await;
+    // The stream's first claim found nothing: the worker is idle.
+    worker.expect_nothing(Duration::from_millis(200)).await;
+
+    let job = |name: &str, priority: i32| pb::JobSpec { priority, ..pb::JobSpec::new("direct", "work", name) };
+    let ids = enqueue(&mut client, vec![job("p0", 0), job("p7", 7), job("p3", 3)]).await;
+    let mut handed = Vec::new();
+    for _ in 0..2 {
+        let assignment = worker.assignment(ARRIVES).await;
+        let sent = assignment.job.clone().expect("an assignment carries its job");
+        // What the worker was sent is the job as stored (defaults, timestamps, lease), attempt 1, held by it.
+        let stored = get_job(&mut client, &sent.id).await;
+        assert_eq!(sent, stored, "the pushed job differs from the stored one");
+        assert_eq!((stored.state(), stored.attempt, stored.worker_id.as_str()), (pb::JobState::Leased, 1, "idle"));
+        assert_eq!(stored.lease_expires_at, assignment.lease_expires_at);
+        handed.push((payload(&assignment), assignment.lease_id));
+    }
+    let names: HashSet<&str> = handed.iter().map(|(name, _)| name.as_str()).collect();
+    assert_eq!(names, HashSet::from(["p7", "p3"]), "the two free slots take the two best jobs");
+    worker.expect_nothing(QUIET).await;
+
+    // Leased by the insert itself: all three rows are still the versions that insert's transaction wrote (a claim
+    // would have written new versions of the leased two).
+    let mut conn = PgConnection::connect(&database).await.expect("connecting to the test database");
+    let writers: Vec<String> = sqlx::query_scalar("SELECT DISTINCT xmin::text FROM jobs WHERE id::text = ANY($1)")
+        .bind(&ids)
+        .fetch_all(&mut conn)
+        .await
+        .expect("reading the rows' transaction ids");
+    assert_eq!(writers.len(), 1, "the leased jobs were written again after their insert: {writers:?}");
+
+    // A freed slot gets the job left queued, through a claim; and the leases work like any other.
+    finish(&mut worker, &handed[0].1).await;
+    assert_eq!(payload(&worker.assignment(ARRIVES).await), "p0");
+    finish(&mut worker, &handed[1].1).await;
     broker.stop().await;
 }
 

@@ -30,7 +30,7 @@ use super::watch::Watchers;
 use crate::{
     error::{Error, Result},
     metrics::Metrics,
-    model::{Job, Settle, SettleLease, Slot},
+    model::{Job, NewJob, Settle, SettleLease, Slot},
     store::{SessionRecord, Store},
 };
 
@@ -106,6 +106,9 @@ struct Group {
     /// Due jobs may be waiting: set by enqueues, re-queues, timers and new streams; cleared by a claim that saw
     /// every due job. A slot freed while it is clear costs no claim (an idle queue is not polled per completion).
     work: AtomicBool,
+    /// The last claim saw every due job and none runs now: an enqueue on this replica may lease its jobs to the
+    /// group's free slots in the insert itself (a hand-off), as no older due job is known to be waiting.
+    idle: AtomicBool,
     wake: Notify,
     stop: CancellationToken,
     /// Where the next claim starts looking for free slots, so new jobs spread over the streams.
@@ -229,6 +232,7 @@ impl Dispatcher {
             queues,
             sessions: Mutex::default(),
             work: AtomicBool::new(true),
+            idle: AtomicBool::new(false),
             wake: Notify::new(),
             stop: self.shutdown.child_token(),
             turn: AtomicUsize::new(0),
@@ -386,6 +390,63 @@ impl Dispatcher {
         }
     }
 
+    /// Offers the batch's jobs that are due at once to free slots of idle groups of this replica that take their
+    /// queue (best priority first, then batch order): each job that gets a slot is marked `lease_to` it, so the
+    /// insert leases it. The returned [`Handoff`] holds the slots until [`Self::hand_off`] or its drop.
+    pub fn reserve_handoff(&self, jobs: &mut [NewJob]) -> Handoff {
+        let mut handoff = Handoff { sessions: HashMap::new() };
+        if self.closing.load(Ordering::SeqCst) {
+            return handoff;
+        }
+        let groups: Vec<Arc<Group>> = {
+            let groups = self.groups.lock().expect("groups lock");
+            groups
+                .values()
+                .filter(|g| g.idle.load(Ordering::SeqCst) && !g.work.load(Ordering::SeqCst))
+                .cloned()
+                .collect()
+        };
+        if groups.is_empty() {
+            return handoff;
+        }
+        let mut due: Vec<usize> = (0..jobs.len()).filter(|&i| jobs[i].run_at.is_none()).collect();
+        due.sort_by_key(|&i| std::cmp::Reverse(jobs[i].spec.priority));
+        for group in groups {
+            let wanted: Vec<usize> = due
+                .iter()
+                .copied()
+                .filter(|&i| jobs[i].lease_to.is_none() && group.queues.contains(&jobs[i].spec.queue))
+                .collect();
+            if wanted.is_empty() {
+                continue;
+            }
+            let slots = reserve(&group, wanted.len());
+            for (i, session) in wanted.into_iter().zip(slots) {
+                jobs[i].lease_to = Some(Slot { session_id: session.id, worker_id: session.worker_id.clone() });
+                handoff.sessions.insert(jobs[i].id, session);
+            }
+        }
+        handoff
+    }
+
+    /// Pushes the jobs an insert leased down the streams their slots were reserved on, then frees the slots.
+    pub async fn hand_off(&self, handoff: Handoff, leased: Vec<Job>) {
+        let mut slots = Vec::with_capacity(leased.len());
+        let mut jobs = Vec::with_capacity(leased.len());
+        for job in leased {
+            if let Some(session) = handoff.sessions.get(&job.id) {
+                jobs.push((slots.len(), job));
+                slots.push(session.clone());
+            }
+        }
+        if self.deliver(&slots, jobs).await {
+            for session in &slots {
+                session.group.work.store(true, Ordering::SeqCst);
+                session.group.wake.notify_one();
+            }
+        }
+    }
+
     async fn run_group(self: Arc<Self>, group: Arc<Group>) {
         // When to look again without being woken: the safety-net poll, or sooner when a scheduled job comes due.
         let mut deadline = Instant::now();
@@ -402,6 +463,7 @@ impl Dispatcher {
             }
             // The flag is taken before looking, so a wake that arrives during a claim is never lost.
             while group.work.swap(false, Ordering::SeqCst) {
+                group.idle.store(false, Ordering::SeqCst);
                 let slots = reserve(&group, offer);
                 if slots.is_empty() {
                     group.work.store(true, Ordering::SeqCst);
@@ -427,9 +489,11 @@ impl Dispatcher {
                 } else {
                     offer = first_offer;
                 }
-                if self.deliver(&slots, claimed.jobs).await {
+                let released = self.deliver(&slots, claimed.jobs).await;
+                if released {
                     group.work.store(true, Ordering::SeqCst);
                 }
+                group.idle.store(!claimed.more && !released, Ordering::SeqCst);
                 if !claimed.more {
                     match self.store.next_due(&group.queues).await {
                         Ok(Some(due)) => deadline = deadline.min(Instant::now() + due + Duration::from_millis(1)),
@@ -478,6 +542,19 @@ impl Dispatcher {
             tracing::warn!(%error, count = undelivered.len(), "could not release undelivered leases; they expire at their deadline");
         }
         true
+    }
+}
+
+/// Slots reserved for an enqueue batch's hand-off, by job id; dropping it frees them.
+pub struct Handoff {
+    sessions: HashMap<Uuid, Arc<Session>>,
+}
+
+impl Drop for Handoff {
+    fn drop(&mut self) {
+        for session in self.sessions.values() {
+            session.state.lock().expect("session lock").reserved -= 1;
+        }
     }
 }
 

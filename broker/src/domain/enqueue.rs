@@ -126,6 +126,7 @@ impl EnqueueHandler {
                 spec: resolve(request, &self.defaults),
                 run_at: request.run_at,
                 trace: request.trace.clone(),
+                lease_to: None,
             });
             plan.answers.push(Enqueued { id, created: true });
         }
@@ -164,16 +165,23 @@ impl EnqueueHandler {
         if jobs.is_empty() {
             return Ok(Some(answers));
         }
-        let queues: BTreeSet<&str> = jobs.iter().map(|j| j.spec.queue.as_str()).collect();
-        let mut notify = queues.iter().copied().collect::<Vec<_>>().join(",");
-        if notify.len() > MAX_NOTIFY_PAYLOAD {
-            notify = "*".into();
-        }
-        match self.store.insert_jobs(&jobs, &keys, &self.dispatcher.enqueued_note(&notify)).await? {
+        // Jobs a waiting stream of this replica takes are leased by the insert; the others are announced.
+        let handoff = self.dispatcher.reserve_handoff(&mut jobs);
+        let queued: BTreeSet<&str> =
+            jobs.iter().filter(|j| j.lease_to.is_none()).map(|j| j.spec.queue.as_str()).collect();
+        let note = (!queued.is_empty()).then(|| {
+            let queues = queued.iter().copied().collect::<Vec<_>>().join(",");
+            let queues = if queues.len() > MAX_NOTIFY_PAYLOAD { "*".into() } else { queues };
+            self.dispatcher.enqueued_note(&queues)
+        });
+        match self.store.insert_jobs(&jobs, &keys, note.as_deref()).await? {
             Inserted::KeyTaken => Ok(None),
-            Inserted::Committed => {
+            Inserted::Committed(leased) => {
                 self.metrics.jobs_enqueued(jobs.iter().map(|j| j.spec.queue.as_str()));
-                self.dispatcher.wake(Some(&queues.into_iter().collect::<Vec<_>>()));
+                self.dispatcher.hand_off(handoff, leased).await;
+                if !queued.is_empty() {
+                    self.dispatcher.wake(Some(&queued.into_iter().collect::<Vec<_>>()));
+                }
                 Ok(Some(answers))
             }
         }

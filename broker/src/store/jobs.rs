@@ -3,14 +3,17 @@
 //! Every fenced write names `lease_id` and `state = 'leased'` in the same statement that writes; the rows it
 //! returns are the leases that held. Statements marked "hot" run once per batch, never once per job.
 
-use std::{collections::HashSet, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
 
 use sqlx::{Encode, PgExecutor, Postgres, Row, Type, postgres::PgArguments, query::Query, types::Json};
 use uuid::Uuid;
 
 use super::{
     Store, millis, retry_deadlocks,
-    rows::{self, carried_columns, finished_job, lease_facts, live_job},
+    rows::{self, carried_columns, finished_job, lease_facts, live_job, spec_columns},
 };
 use crate::{
     error::Result,
@@ -46,9 +49,10 @@ pub struct Claimed {
 }
 
 /// How an insert batch ended.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq)]
 pub enum Inserted {
-    Committed,
+    /// Stored; the jobs leased by the insert itself.
+    Committed(Vec<Job>),
     /// Another transaction took one of the keys first; nothing was written. Look the keys up again.
     KeyTaken,
 }
@@ -81,12 +85,12 @@ impl Store {
             .map_err(Into::into)
     }
 
-    /// Hot (group commit): stores every job of a batch, its keys and one NOTIFY naming the touched queues,
-    /// atomically. Without keys that is a single statement (one round trip); with keys, a short transaction.
-    pub async fn insert_jobs(&self, jobs: &[NewJob], keys: &[NewKey], notify: &str) -> Result<Inserted> {
+    /// Hot (group commit): stores every job of a batch (leasing those with a `lease_to` slot), its keys and one
+    /// NOTIFY naming the queues of its queued jobs, atomically. Without keys that is a single statement (one round
+    /// trip); with keys, a short transaction.
+    pub async fn insert_jobs(&self, jobs: &[NewJob], keys: &[NewKey], notify: Option<&str>) -> Result<Inserted> {
         if keys.is_empty() {
-            insert_and_notify(&self.pool, jobs, notify).await?;
-            return Ok(Inserted::Committed);
+            return Ok(Inserted::Committed(insert_and_notify(&self.pool, jobs, notify).await?));
         }
         let mut tx = self.pool.begin().await?;
         let taken = sqlx::query(
@@ -103,9 +107,9 @@ impl Store {
             tx.rollback().await?;
             return Ok(Inserted::KeyTaken);
         }
-        insert_and_notify(&mut *tx, jobs, notify).await?;
+        let leased = insert_and_notify(&mut *tx, jobs, notify).await?;
         tx.commit().await?;
-        Ok(Inserted::Committed)
+        Ok(Inserted::Committed(leased))
     }
 
     /// Hot: leases due jobs of `queues` (paused ones skipped) to the given free slots in one statement, best job to
@@ -437,28 +441,53 @@ impl Store {
     }
 }
 
-/// Inserts the jobs and sends one NOTIFY, in one statement.
-async fn insert_and_notify<'e>(executor: impl PgExecutor<'e>, jobs: &[NewJob], notify: &str) -> Result<()> {
+/// Inserts the jobs and sends one NOTIFY (none for `None`), in one statement. A job with a `lease_to` slot is
+/// inserted LEASED to it, as a claim would have leased it, unless its queue is paused; those jobs are returned.
+async fn insert_and_notify<'e>(
+    executor: impl PgExecutor<'e>,
+    jobs: &[NewJob],
+    notify: Option<&str>,
+) -> Result<Vec<Job>> {
     // Ids and payloads differ per job; every other column is usually shared by the whole batch (one producer's
     // jobs), so it is bound once (see `bind_column`) and the statement reads `COALESCE(element, shared value)`.
-    let query = sqlx::query(
-        "WITH inserted AS ( \
-           INSERT INTO jobs (id, queue, kind, payload, priority, run_at, max_attempts, lease_ttl_ms, \
-             execution_timeout_ms, idempotency_key, initial_backoff_ms, max_backoff_ms, backoff_multiplier, \
-             metadata, created_at, traceparent, tracestate) \
-           SELECT id, COALESCE(queue, $4), COALESCE(kind, $6), payload, COALESCE(priority, $8), \
-             COALESCE(run_at, $10, now()), COALESCE(max_attempts, $12), COALESCE(lease_ttl_ms, $14), \
-             COALESCE(execution_timeout_ms, $16), COALESCE(idempotency_key, $18), \
-             COALESCE(initial_backoff_ms, $20), COALESCE(max_backoff_ms, $22), COALESCE(backoff_multiplier, $24), \
-             COALESCE(metadata, $26), now(), COALESCE(traceparent, $28), COALESCE(tracestate, $30) \
+    let query = sqlx::query(concat!(
+        "WITH new AS ( \
+           SELECT id, COALESCE(queue, $4) AS queue, COALESCE(kind, $6) AS kind, payload, \
+             COALESCE(priority, $8) AS priority, COALESCE(run_at, $10, now()) AS run_at, \
+             COALESCE(max_attempts, $12) AS max_attempts, COALESCE(lease_ttl_ms, $14) AS lease_ttl_ms, \
+             COALESCE(execution_timeout_ms, $16) AS execution_timeout_ms, \
+             COALESCE(idempotency_key, $18) AS idempotency_key, COALESCE(initial_backoff_ms, $20) AS initial_backoff_ms, \
+             COALESCE(max_backoff_ms, $22) AS max_backoff_ms, COALESCE(backoff_multiplier, $24) AS backoff_multiplier, \
+             COALESCE(metadata, $26) AS metadata, now() AS created_at, COALESCE(traceparent, $28) AS traceparent, \
+             COALESCE(tracestate, $30) AS tracestate, COALESCE(session_id, $32) AS session_id, \
+             COALESCE(worker_id, $34) AS worker_id \
            FROM unnest($1::uuid[], $2::bytea[], $3::text[], $5::text[], $7::int[], $9::timestamptz[], $11::int[], \
              $13::bigint[], $15::bigint[], $17::text[], $19::bigint[], $21::bigint[], $23::float8[], $25::jsonb[], \
-             $27::text[], $29::text[]) \
+             $27::text[], $29::text[], $31::uuid[], $33::text[]) \
            AS t(id, payload, queue, kind, priority, run_at, max_attempts, lease_ttl_ms, execution_timeout_ms, \
              idempotency_key, initial_backoff_ms, max_backoff_ms, backoff_multiplier, metadata, traceparent, \
-             tracestate)) \
-         SELECT pg_notify($31, $32)",
-    )
+             tracestate, session_id, worker_id)), \
+         leasing AS ( \
+           SELECT new.*, new.session_id IS NOT NULL AND paused.name IS NULL AS lease \
+           FROM new LEFT JOIN queues paused ON paused.name = new.queue AND paused.paused), \
+         inserted AS ( \
+           INSERT INTO jobs (",
+        spec_columns!(),
+        ", state, attempt, lease_id, leased_at, session_id, worker_id, \
+             attempt_deadline, lease_expires_at) \
+           SELECT ",
+        spec_columns!(),
+        ", CASE WHEN lease THEN 'leased' ELSE 'queued' END, lease::int, \
+             CASE WHEN lease THEN gen_random_uuid() END, CASE WHEN lease THEN clock_timestamp() END, \
+             CASE WHEN lease THEN session_id END, CASE WHEN lease THEN worker_id END, \
+             CASE WHEN lease THEN clock_timestamp() + execution_timeout_ms * interval '1 millisecond' END, \
+             CASE WHEN lease THEN LEAST(clock_timestamp() + lease_ttl_ms * interval '1 millisecond', \
+               clock_timestamp() + execution_timeout_ms * interval '1 millisecond') END \
+           FROM leasing \
+           RETURNING id, state, created_at, run_at, lease_id, leased_at, lease_expires_at) \
+         SELECT $36::text IS NULL OR pg_notify($35, $36) IS NULL AS notified, inserted.* \
+         FROM (VALUES (true)) AS one LEFT JOIN inserted ON inserted.state = 'leased'"
+    ))
     .bind(jobs.iter().map(|j| j.id).collect::<Vec<_>>())
     .bind(jobs.iter().map(|j| j.spec.payload.as_slice()).collect::<Vec<_>>());
     let query = bind_column(query, jobs.iter().map(|j| j.spec.queue.as_str()));
@@ -475,8 +504,21 @@ async fn insert_and_notify<'e>(executor: impl PgExecutor<'e>, jobs: &[NewJob], n
     let query = bind_column(query, jobs.iter().map(|j| Json(&j.spec.metadata)));
     let query = bind_column(query, jobs.iter().map(|j| j.trace.as_ref().map(|t| t.traceparent.as_str())));
     let query = bind_column(query, jobs.iter().map(|j| j.trace.as_ref().and_then(|t| t.tracestate.as_deref())));
-    query.bind(super::ENQUEUED_CHANNEL).bind(notify).execute(executor).await?;
-    Ok(())
+    let query = bind_column(query, jobs.iter().map(|j| j.lease_to.as_ref().map(|slot| slot.session_id)));
+    let query = bind_column(query, jobs.iter().map(|j| j.lease_to.as_ref().map(|slot| slot.worker_id.as_str())));
+    let rows = query.bind(super::ENQUEUED_CHANNEL).bind(notify).fetch_all(executor).await?;
+    let offered: HashMap<Uuid, &NewJob> =
+        jobs.iter().filter(|job| job.lease_to.is_some()).map(|job| (job.id, job)).collect();
+    let mut leased = Vec::new();
+    for row in &rows {
+        if let Some(id) = row.try_get::<Option<Uuid>, _>("id")? {
+            let new = offered.get(&id).ok_or_else(|| {
+                sqlx::Error::Protocol(format!("the insert leased job {id}, which had no slot to go to"))
+            })?;
+            leased.push(rows::leased_at_insert(row, new)?);
+        }
+    }
+    Ok(leased)
 }
 
 /// Binds one column of a multi-row insert as two parameters: the array of every row's value and `NULL`, or, when

@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, time::Duration};
 
 use sqlx::{Row, postgres::PgRow, types::Json};
 
-use crate::model::{Job, JobSpec, JobState, LeaseFacts, Progress, RetryPolicy, TraceContext};
+use crate::model::{Job, JobSpec, JobState, LeaseFacts, NewJob, Progress, RetryPolicy, TraceContext};
 
 /// Columns fixed at enqueue: what a job is, as opposed to how its attempts went.
 macro_rules! spec_columns {
@@ -90,6 +90,29 @@ fn retry(row: &PgRow) -> Result<RetryPolicy, sqlx::Error> {
         initial: duration(row.try_get("initial_backoff_ms")?),
         max: duration(row.try_get("max_backoff_ms")?),
         multiplier: row.try_get("backoff_multiplier")?,
+    })
+}
+
+/// A job leased by its own insert: what the producer sent, plus the row's `id`, `created_at`, `run_at`, `lease_id`,
+/// `leased_at` and `lease_expires_at` as the database stamped them.
+pub(super) fn leased_at_insert(row: &PgRow, new: &NewJob) -> Result<Job, sqlx::Error> {
+    Ok(Job {
+        id: new.id,
+        spec: new.spec.clone(),
+        state: JobState::Leased,
+        attempt: 1,
+        created_at: row.try_get("created_at")?,
+        run_at: row.try_get("run_at")?,
+        worker_id: new.lease_to.as_ref().map(|slot| slot.worker_id.clone()),
+        lease_id: row.try_get("lease_id")?,
+        lease_expires_at: row.try_get("lease_expires_at")?,
+        finished_at: None,
+        last_error: None,
+        result: None,
+        progress: None,
+        cancel_requested: false,
+        leased_at: row.try_get("leased_at")?,
+        trace: new.trace.clone(),
     })
 }
 

@@ -106,8 +106,9 @@ struct Group {
     /// Due jobs may be waiting: set by enqueues, re-queues, timers and new streams; cleared by a claim that saw
     /// every due job. A slot freed while it is clear costs no claim (an idle queue is not polled per completion).
     work: AtomicBool,
-    /// The last claim saw every due job and none runs now: an enqueue on this replica may lease its jobs to the
-    /// group's free slots in the insert itself (a hand-off), as no older due job is known to be waiting.
+    /// The last claim saw every due job: while no wake is pending, an enqueue on this replica may lease its jobs to
+    /// the group's free slots in the insert itself (a hand-off), as no older due job is known to be waiting (jobs
+    /// committed meanwhile are concurrent with it: the claim they woke may still be running).
     idle: AtomicBool,
     wake: Notify,
     stop: CancellationToken,
@@ -463,7 +464,6 @@ impl Dispatcher {
             }
             // The flag is taken before looking, so a wake that arrives during a claim is never lost.
             while group.work.swap(false, Ordering::SeqCst) {
-                group.idle.store(false, Ordering::SeqCst);
                 let slots = reserve(&group, offer);
                 if slots.is_empty() {
                     group.work.store(true, Ordering::SeqCst);
@@ -478,6 +478,7 @@ impl Dispatcher {
                 let claimed = match claimed {
                     Ok(claimed) => claimed,
                     Err(error) => {
+                        group.idle.store(false, Ordering::SeqCst);
                         tracing::warn!(%error, queues = ?group.queues, "claim failed; retrying after the poll interval");
                         break;
                     }

@@ -10,7 +10,7 @@
 //! more unfinished leases than it declared. This module does not decide retries or talk SQL itself.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -434,17 +434,17 @@ impl Dispatcher {
     pub async fn hand_off(&self, handoff: Handoff, leased: Vec<Job>) {
         let mut slots = Vec::with_capacity(leased.len());
         let mut jobs = Vec::with_capacity(leased.len());
+        let mut queues = BTreeSet::new();
         for job in leased {
             if let Some(session) = handoff.sessions.get(&job.id) {
+                queues.insert(job.spec.queue.clone());
                 jobs.push((slots.len(), job));
                 slots.push(session.clone());
             }
         }
+        // A job whose stream closed meanwhile was released: any group of its queue may take it (its own may be gone).
         if self.deliver(&slots, jobs).await {
-            for session in &slots {
-                session.group.work.store(true, Ordering::SeqCst);
-                session.group.wake.notify_one();
-            }
+            self.wake(Some(&queues.iter().map(String::as_str).collect::<Vec<_>>()));
         }
     }
 

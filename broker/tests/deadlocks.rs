@@ -2,8 +2,11 @@
 //! succeeds instead of failing with an error (which once made workers forget jobs and stalled their slots).
 //!
 //! The deadlock is made on purpose: another transaction holds one of two leased rows, the heartbeat for both locks
-//! the other and waits, then that transaction asks for the row the heartbeat holds. Which row the heartbeat locks
-//! first is up to its plan, so the scene is played with each row held in turn; one of the two must deadlock.
+//! the other and waits, then that transaction asks for the row the heartbeat holds. The scene is played with each
+//! row held in turn; one of the two must deadlock.
+//!
+//! Between the broker's own batches there is no such cycle: every batch locks its rows in lease-id order, whatever
+//! order its callers named them in.
 
 mod common;
 
@@ -23,6 +26,19 @@ async fn deadlocks(pool: &PgPool) -> i64 {
         .expect("reading the deadlock count")
 }
 
+/// Returns once some statement (the heartbeat) waits for a row lock.
+async fn heartbeat_waits(pool: &PgPool) {
+    wait_for("the heartbeat to wait for the held row", WAIT, || {
+        let pool = pool.clone();
+        async move {
+            let waiting: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM pg_locks WHERE NOT granted").fetch_one(&pool).await.ok()?;
+            (waiting > 0).then_some(())
+        }
+    })
+    .await;
+}
+
 /// Holds `first`'s row, waits until the heartbeat of both leases is blocked, then asks for `second`'s row.
 async fn play(url: &str, worker: &mut TestWorker, leases: [&str; 2], jobs: [&str; 2]) {
     let mut other = PgConnection::connect(url).await.expect("a second connection");
@@ -33,15 +49,7 @@ async fn play(url: &str, worker: &mut TestWorker, leases: [&str; 2], jobs: [&str
     let mut client = worker.client.clone();
     let beats = leases.iter().map(|l| pb::LeaseBeat { lease_id: l.to_string(), progress: None }).collect();
     let heartbeat = tokio::spawn(async move { client.heartbeat(pb::HeartbeatRequest { leases: beats }).await });
-    wait_for("the heartbeat to wait for the held row", WAIT, || {
-        let pool = pool.clone();
-        async move {
-            let waiting: i64 =
-                sqlx::query_scalar("SELECT count(*) FROM pg_locks WHERE NOT granted").fetch_one(&pool).await.ok()?;
-            (waiting > 0).then_some(())
-        }
-    })
-    .await;
+    heartbeat_waits(&pool).await;
     // Either this waits for the heartbeat (a deadlock, which Postgres breaks by aborting one side) or it is granted.
     let second = sqlx::query(lock).bind(jobs[1]).execute(&mut other).await;
     match second {
@@ -52,10 +60,9 @@ async fn play(url: &str, worker: &mut TestWorker, leases: [&str; 2], jobs: [&str
     assert!(answer.leases.iter().all(|l| l.active), "both leases still held: {answer:?}");
 }
 
-#[tokio::test]
-async fn a_heartbeat_chosen_as_deadlock_victim_is_retried() {
-    let url = test_database().await;
-    let broker = TestBroker::start(Settings::with_database(url.clone())).await;
+/// A broker with two jobs leased to one worker: `(broker, worker, [lease of job 0, lease of job 1], job ids)`.
+async fn two_leases(url: &str) -> (TestBroker, TestWorker, [String; 2], Vec<String>) {
+    let broker = TestBroker::start(Settings::with_database(url.to_owned())).await;
     let mut client = broker.client().await;
     let ids = enqueue(
         &mut client,
@@ -68,6 +75,13 @@ async fn a_heartbeat_chosen_as_deadlock_victim_is_retried() {
         if first.job.as_ref().expect("job").id == id { first.lease_id.clone() } else { second.lease_id.clone() }
     };
     let leases = [lease_of(&ids[0]), lease_of(&ids[1])];
+    (broker, worker, leases, ids)
+}
+
+#[tokio::test]
+async fn a_heartbeat_chosen_as_deadlock_victim_is_retried() {
+    let url = test_database().await;
+    let (_broker, mut worker, leases, ids) = two_leases(&url).await;
     let pool = PgPool::connect(&url).await.expect("a pool");
     let before = deadlocks(&pool).await;
 
@@ -79,4 +93,32 @@ async fn a_heartbeat_chosen_as_deadlock_victim_is_retried() {
         async move { (deadlocks(&pool).await > before).then_some(()) }
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_heartbeat_locks_its_rows_in_lease_order_whatever_order_it_names_them() {
+    let url = test_database().await;
+    let (_broker, worker, leases, ids) = two_leases(&url).await;
+    // (lease, job) with the lower lease id first: the order every batch locks in.
+    let mut pairs = [(&leases[0], &ids[0]), (&leases[1], &ids[1])];
+    pairs.sort();
+    let [(low_lease, low_job), (high_lease, high_job)] = pairs;
+
+    let mut other = PgConnection::connect(&url).await.expect("a second connection");
+    sqlx::query("BEGIN").execute(&mut other).await.expect("begun");
+    let lock = "SELECT 1 FROM jobs WHERE id = $1::uuid FOR UPDATE NOWAIT";
+    sqlx::query(lock).bind(low_job).execute(&mut other).await.expect("the low lease's row locked");
+    let pool = PgPool::connect(&url).await.expect("a pool");
+    let mut client = worker.client.clone();
+    // Named high first: locking in the order given would take the high row, then wait for the low one.
+    let beats = [high_lease, low_lease].map(|l| pb::LeaseBeat { lease_id: l.to_string(), progress: None });
+    let request = pb::HeartbeatRequest { leases: beats.to_vec() };
+    let heartbeat = tokio::spawn(async move { client.heartbeat(request).await });
+    heartbeat_waits(&pool).await;
+    // Waiting for the low row, the heartbeat holds nothing after it: the high row is free at once.
+    let high = sqlx::query(lock).bind(high_job).execute(&mut other).await;
+    sqlx::query("COMMIT").execute(&mut other).await.expect("committed");
+    high.expect("the heartbeat held the high lease's row while it waited for the low one");
+    let answer = heartbeat.await.expect("the heartbeat task").expect("the heartbeat succeeds").into_inner();
+    assert!(answer.leases.iter().all(|l| l.active), "both leases still held: {answer:?}");
 }

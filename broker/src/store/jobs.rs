@@ -175,6 +175,7 @@ impl Store {
 
     /// Hot: extends every lease of a heartbeat batch and records progress. Leases not current are absent.
     pub async fn heartbeat(&self, beats: &[Beat]) -> Result<Vec<BeatAnswer>> {
+        let beats = in_lock_order(beats, |beat| beat.lease_id);
         let lease_ids: Vec<Uuid> = beats.iter().map(|b| b.lease_id).collect();
         let percents: Vec<Option<i32>> = beats.iter().map(|b| b.progress.as_ref().map(|p| p.percent as i32)).collect();
         let messages: Vec<Option<&str>> =
@@ -249,11 +250,12 @@ impl Store {
     /// by primary key, and the answer is read from `ended` itself (Postgres runs the insert into `finished_jobs`
     /// to completion although nothing reads it) rather than joined with it.
     pub async fn settle(&self, items: &[SettleLease]) -> Result<Vec<Settled>> {
+        let items = in_lock_order(items, |item| item.lease_id);
         let mut actions = Vec::with_capacity(items.len());
         let mut delays = Vec::with_capacity(items.len());
         let mut results: Vec<Option<&[u8]>> = Vec::with_capacity(items.len());
         let mut errors: Vec<Option<&str>> = Vec::with_capacity(items.len());
-        for item in items {
+        for item in &items {
             let (action, delay, result, error) = match &item.settle {
                 Settle::Succeed { result } => ("succeed", 0, Some(result.as_slice()), None),
                 Settle::Retry { delay, error } => ("retry", millis(*delay), None, Some(error.as_str())),
@@ -439,6 +441,16 @@ impl Store {
         .await?;
         Ok(u64::try_from(deleted).unwrap_or(0))
     }
+}
+
+/// A batch in the order its statement must lock its rows: by lease id. Heartbeat and settle batches (Complete, the
+/// reaper, released deliveries) lock one leased row after another in input order, so sorting them alike means two
+/// batches never wait for each other in a cycle; a deadlock would stall both for `deadlock_timeout` (1 s) before
+/// Postgres broke it.
+fn in_lock_order<T>(batch: &[T], lease_id: impl Fn(&T) -> Uuid) -> Vec<&T> {
+    let mut sorted: Vec<&T> = batch.iter().collect();
+    sorted.sort_by_key(|item| lease_id(item));
+    sorted
 }
 
 /// Inserts the jobs and sends one NOTIFY (none for `None`), in one statement. A job with a `lease_to` slot is

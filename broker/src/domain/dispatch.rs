@@ -93,6 +93,11 @@ struct SessionState {
 }
 
 impl Session {
+    /// A slot of this stream, as a claim or an insert leases a job to it.
+    fn slot(&self) -> Slot {
+        Slot { session_id: self.id, worker_id: self.worker_id.clone() }
+    }
+
     /// Ends the stream with `error` (a protocol violation by the worker).
     pub fn fail(&self, error: Error) {
         let _ = self.events.send(SessionEvent::Closed(error));
@@ -395,7 +400,7 @@ impl Dispatcher {
     /// queue (best priority first, then batch order): each job that gets a slot is marked `lease_to` it, so the
     /// insert leases it. The returned [`Handoff`] holds the slots until [`Self::hand_off`] or its drop.
     pub fn reserve_handoff(&self, jobs: &mut [NewJob]) -> Handoff {
-        let mut handoff = Handoff { sessions: HashMap::new() };
+        let mut handoff = Handoff { slots: Reserved(Vec::new()), by_job: HashMap::new() };
         if self.closing.load(Ordering::SeqCst) {
             return handoff;
         }
@@ -422,28 +427,27 @@ impl Dispatcher {
                 continue;
             }
             let slots = reserve(&group, wanted.len());
-            for (i, session) in wanted.into_iter().zip(slots) {
-                jobs[i].lease_to = Some(Slot { session_id: session.id, worker_id: session.worker_id.clone() });
-                handoff.sessions.insert(jobs[i].id, session);
+            for (k, (i, session)) in wanted.into_iter().zip(slots.iter()).enumerate() {
+                jobs[i].lease_to = Some(session.slot());
+                handoff.by_job.insert(jobs[i].id, handoff.slots.len() + k);
             }
+            handoff.slots.absorb(slots);
         }
         handoff
     }
 
     /// Pushes the jobs an insert leased down the streams their slots were reserved on, then frees the slots.
     pub async fn hand_off(&self, handoff: Handoff, leased: Vec<Job>) {
-        let mut slots = Vec::with_capacity(leased.len());
         let mut jobs = Vec::with_capacity(leased.len());
         let mut queues = BTreeSet::new();
         for job in leased {
-            if let Some(session) = handoff.sessions.get(&job.id) {
+            if let Some(&slot) = handoff.by_job.get(&job.id) {
                 queues.insert(job.spec.queue.clone());
-                jobs.push((slots.len(), job));
-                slots.push(session.clone());
+                jobs.push((slot, job));
             }
         }
         // A job whose stream closed meanwhile was released: any group of its queue may take it (its own may be gone).
-        if self.deliver(&slots, jobs).await {
+        if self.deliver(&handoff.slots, jobs).await {
             self.wake(Some(&queues.iter().map(String::as_str).collect::<Vec<_>>()));
         }
     }
@@ -469,12 +473,8 @@ impl Dispatcher {
                     group.work.store(true, Ordering::SeqCst);
                     break;
                 }
-                let offered: Vec<Slot> =
-                    slots.iter().map(|s| Slot { session_id: s.id, worker_id: s.worker_id.clone() }).collect();
+                let offered: Vec<Slot> = slots.iter().map(|session| session.slot()).collect();
                 let claimed = self.store.claim(&group.queues, &offered).await;
-                for session in &slots {
-                    session.state.lock().expect("session lock").reserved -= 1;
-                }
                 let claimed = match claimed {
                     Ok(claimed) => claimed,
                     Err(error) => {
@@ -491,6 +491,7 @@ impl Dispatcher {
                     offer = first_offer;
                 }
                 let released = self.deliver(&slots, claimed.jobs).await;
+                drop(slots);
                 if released {
                     group.work.store(true, Ordering::SeqCst);
                 }
@@ -546,14 +547,35 @@ impl Dispatcher {
     }
 }
 
-/// Slots reserved for an enqueue batch's hand-off, by job id; dropping it frees them.
+/// Slots reserved for an enqueue batch's hand-off, and which job each is for; dropping it frees them.
 pub struct Handoff {
-    sessions: HashMap<Uuid, Arc<Session>>,
+    slots: Reserved,
+    /// Job id → its slot's index in `slots`.
+    by_job: HashMap<Uuid, usize>,
 }
 
-impl Drop for Handoff {
+/// Free slots taken on streams (one entry per slot, a stream once per slot it gives) for a claim or a hand-off
+/// until its jobs are delivered: counted as used by every other reservation meanwhile, freed on drop.
+struct Reserved(Vec<Arc<Session>>);
+
+impl Reserved {
+    /// Takes over `other`'s slots.
+    fn absorb(&mut self, mut other: Reserved) {
+        self.0.append(&mut other.0);
+    }
+}
+
+impl std::ops::Deref for Reserved {
+    type Target = [Arc<Session>];
+
+    fn deref(&self) -> &[Arc<Session>] {
+        &self.0
+    }
+}
+
+impl Drop for Reserved {
     fn drop(&mut self) {
-        for session in self.sessions.values() {
+        for session in &self.0 {
             session.state.lock().expect("session lock").reserved -= 1;
         }
     }
@@ -561,7 +583,7 @@ impl Drop for Handoff {
 
 /// Reserves up to `max` free slots across the group's streams, one per stream in turn, so the best jobs spread;
 /// each call starts at the next stream.
-fn reserve(group: &Group, max: usize) -> Vec<Arc<Session>> {
+fn reserve(group: &Group, max: usize) -> Reserved {
     let sessions = group.sessions.lock().expect("group lock");
     let start = group.turn.fetch_add(1, Ordering::Relaxed) % sessions.len().max(1);
     let mut free: Vec<(Arc<Session>, u32)> = sessions[start..]
@@ -588,5 +610,5 @@ fn reserve(group: &Group, max: usize) -> Vec<Arc<Session>> {
     for session in &slots {
         session.state.lock().expect("session lock").reserved += 1;
     }
-    slots
+    Reserved(slots)
 }

@@ -1,7 +1,9 @@
 //! Steady state: a producer sends single-job Enqueue RPCs at a fixed rate (open loop: a slow answer does not
 //! slow the producer) while worker loops drain the queue. Measured: end-to-end latency from the moment the
 //! producer sent a job to the completion the database recorded (the send time travels in the payload; both
-//! clocks are this machine's), and the queue depth sampled every 100 ms, to see whether it stays flat.
+//! clocks are this machine's), and the queue depth sampled every 100 ms, to see whether it stays flat. The
+//! producer first runs a warm-up at the same rate: the latency of the jobs sent then is reported on its own line,
+//! not mixed into the steady state's.
 
 use std::{
     sync::Arc,
@@ -31,10 +33,18 @@ const QUEUE: &str = "steady";
 /// How long the last jobs may take to finish once the producer stopped.
 const SETTLE: Duration = Duration::from_secs(30);
 
-pub async fn run(env: &Env, rate: u32, duration: Duration, workers: Workers) -> anyhow::Result<Vec<Figure>> {
+pub async fn run(
+    env: &Env,
+    rate: u32,
+    warmup: Duration,
+    duration: Duration,
+    workers: Workers,
+) -> anyhow::Result<Vec<Figure>> {
     let consumers = drain::consume(env, QUEUE, workers, usize::MAX);
-    let producing = produce(env, rate, duration);
-    let depth = sample_depth(env, duration);
+    // Jobs sent from this instant on (epoch seconds, as in the payload) are the steady state.
+    let measured_from = epoch_now() + warmup.as_secs_f64();
+    let producing = produce(env, rate, warmup + duration);
+    let depth = sample_depth(env, warmup + duration);
     let (sent, depths) = tokio::try_join!(producing, depth)?;
     // A broker that keeps up finishes the last jobs within milliseconds; one that stalls is reported, not waited
     // for.
@@ -46,26 +56,25 @@ pub async fn run(env: &Env, rate: u32, duration: Duration, workers: Workers) -> 
     }
     consumers.stop().await?;
 
-    let (p50, p99, max): (f64, f64, f64) = sqlx::query_as(
-        "WITH e2e AS (SELECT extract(epoch FROM finished_at)::float8 * 1000 \
-           - convert_from(payload, 'UTF8')::float8 * 1000 AS ms FROM finished_jobs WHERE queue = $1) \
-         SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY ms), percentile_disc(0.99) WITHIN GROUP (ORDER BY ms), \
-           max(ms) FROM e2e",
-    )
-    .bind(QUEUE)
-    .fetch_one(&env.pool)
-    .await?;
+    let (p50, p99, max) = e2e(env, measured_from, f64::INFINITY).await?;
+    let (_, warmup_p99, _) = e2e(env, 0.0, measured_from).await?;
     let what = format!(
         "steady {rate} jobs/s for {}, e2e (enqueue → completion recorded)",
         humantime::format_duration(duration)
     );
-    let achieved = sent as f64 / duration.as_secs_f64();
+    let achieved = sent as f64 / (warmup + duration).as_secs_f64();
     let last_second = &depths[depths.len().saturating_sub(10)..];
     Ok(vec![
         Figure::new("steady.rate", format!("steady: achieved enqueue rate (asked {rate})"), achieved, "jobs/s"),
         Figure::new("steady.e2e.p50", format!("{what} p50"), p50, "ms"),
         Figure::new("steady.e2e.p99", format!("{what} p99"), p99, "ms").bar(Bar::AtMost(20.0)),
         Figure::new("steady.e2e.max", format!("{what} max"), max, "ms"),
+        Figure::new(
+            "steady.warmup.p99",
+            format!("steady: e2e p99 of the {} warm-up before it", humantime::format_duration(warmup)),
+            warmup_p99,
+            "ms",
+        ),
         Figure::new("steady.depth.max", "steady: queue depth, max of 100 ms samples", max_of(&depths), "jobs"),
         Figure::new("steady.depth.end", "steady: queue depth, max over the last second", max_of(last_second), "jobs"),
         Figure::new(
@@ -76,6 +85,24 @@ pub async fn run(env: &Env, rate: u32, duration: Duration, workers: Workers) -> 
         )
         .bar(Bar::AtMost(0.0)),
     ])
+}
+
+/// End-to-end latency p50, p99 and max (ms) of the finished jobs sent in `[from, to)` (epoch seconds).
+async fn e2e(env: &Env, from: f64, to: f64) -> anyhow::Result<(f64, f64, f64)> {
+    let (p50, p99, max): (Option<f64>, Option<f64>, Option<f64>) = sqlx::query_as(
+        "WITH sent AS (SELECT convert_from(payload, 'UTF8')::float8 AS sent, finished_at FROM finished_jobs \
+           WHERE queue = $1), \
+         e2e AS (SELECT extract(epoch FROM finished_at)::float8 * 1000 - sent * 1000 AS ms FROM sent \
+           WHERE sent >= $2 AND sent < $3) \
+         SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY ms), percentile_disc(0.99) WITHIN GROUP (ORDER BY ms), \
+           max(ms) FROM e2e",
+    )
+    .bind(QUEUE)
+    .bind(from)
+    .bind(to)
+    .fetch_one(&env.pool)
+    .await?;
+    Ok((p50.unwrap_or(f64::NAN), p99.unwrap_or(f64::NAN), max.unwrap_or(f64::NAN)))
 }
 
 fn max_of(values: &[i64]) -> f64 {

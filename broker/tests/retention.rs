@@ -49,3 +49,46 @@ async fn finished_jobs_are_deleted_after_the_retention_period_with_their_keys() 
     assert_ne!(again.jobs[0].id, finished[0]);
     broker.stop().await;
 }
+
+/// Retention walks finished jobs one `(queue, state)` group at a time. A group that sorts first and holds only a
+/// job still within the retention period must not stop the groups after it from being cleaned.
+#[tokio::test]
+async fn retention_reaches_every_queue_and_state_past_a_group_still_retained() {
+    let retention = Duration::from_secs(3);
+    let mut settings = Settings::with_database(test_database().await);
+    settings.retention = retention;
+    settings.retention_interval = Duration::from_millis(100);
+    settings.retention_batch = 2;
+    let broker = TestBroker::start(settings).await;
+    let mut client = broker.client().await;
+
+    // Groups (QUEUE, succeeded) and (QUEUE, failed).
+    let mut old = enqueue(&mut client, (0..3).map(|_| pb::JobSpec::new(QUEUE, "k", vec![])).collect()).await;
+    let mut worker = TestWorker::connect(client.clone(), "w", &[QUEUE], 3).await;
+    for _ in 0..3 {
+        let lease = worker.assignment(Duration::from_secs(5)).await.lease_id;
+        assert_eq!(worker.succeed(&lease, b"done").await.expect("complete"), pb::JobState::Succeeded);
+    }
+    old.extend(enqueue(&mut client, vec![pb::JobSpec::new(QUEUE, "k", vec![])]).await);
+    let lease = worker.assignment(Duration::from_secs(5)).await.lease_id;
+    assert_eq!(worker.complete(&lease, failure("broken", true, None)).await.expect("complete"), pb::JobState::Failed);
+
+    // Ages the jobs above: the group ("aaa", cancelled), first in index order, finishes this much later.
+    tokio::time::sleep(retention * 2 / 3).await;
+    let young = enqueue(&mut client, vec![pb::JobSpec::new("aaa", "k", vec![])]).await.remove(0);
+    let cancelled = client.cancel_job(pb::CancelJobRequest { id: young.clone() }).await.expect("cancel").into_inner();
+    assert_eq!(cancelled.job.expect("job").state(), pb::JobState::Cancelled);
+
+    for id in &old {
+        wait_for("an expired job behind a retained group to be deleted", Duration::from_secs(15), || {
+            let (mut client, id) = (client.clone(), id.clone());
+            async move {
+                let answer = client.get_job(pb::GetJobRequest { id }).await;
+                matches!(answer, Err(status) if status.code() == tonic::Code::NotFound).then_some(())
+            }
+        })
+        .await;
+    }
+    assert_eq!(get_job(&mut client, &young).await.state(), pb::JobState::Cancelled, "still within retention");
+    broker.stop().await;
+}

@@ -231,8 +231,9 @@ impl Store {
         let rows = sqlx::query(concat!(
             "SELECT ",
             lease_facts!(),
-            // `lease_expires_at IS NOT NULL` is the predicate of the `jobs_expiry` index.
-            " FROM jobs WHERE state = 'leased' AND lease_expires_at IS NOT NULL \
+            // `lease_id IS NOT NULL` is the predicate of `jobs_lease`: the scan visits the leased rows only. No index
+            // on the deadline: every claim would write one more index entry, and no heartbeat could be a HOT update.
+            " FROM jobs WHERE state = 'leased' AND lease_id IS NOT NULL \
                AND lease_expires_at <= clock_timestamp() \
               ORDER BY lease_expires_at LIMIT $1"
         ))
@@ -422,13 +423,27 @@ impl Store {
     }
 
     /// Retention: deletes up to `limit` jobs finished more than `retention` ago, with their idempotency keys.
+    /// There is no index on `finished_at` alone (each would cost every completion one more index entry): the
+    /// statement walks `finished_jobs_queue_state` one `(queue, state)` group after another (a loose index scan,
+    /// so it reads one entry per group to find them) and takes each group's oldest rows by a range scan. The
+    /// cut-off is read once, as a parameter, so that it bounds the range scans.
     pub async fn delete_finished_before(&self, retention: Duration, limit: u32) -> Result<u64> {
         let deleted: i64 = sqlx::query_scalar(
-            "WITH gone AS ( \
-               DELETE FROM finished_jobs WHERE id IN ( \
-                 SELECT id FROM finished_jobs \
-                 WHERE finished_at < clock_timestamp() - $1 * interval '1 millisecond' \
-                 ORDER BY finished_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
+            "WITH RECURSIVE groups AS ( \
+               (SELECT queue, state FROM finished_jobs ORDER BY queue, state LIMIT 1) \
+               UNION ALL \
+               SELECT n.queue, n.state FROM groups g CROSS JOIN LATERAL ( \
+                 SELECT f.queue, f.state FROM finished_jobs f WHERE (f.queue, f.state) > (g.queue, g.state) \
+                 ORDER BY f.queue, f.state LIMIT 1) n), \
+             cutoff AS (SELECT clock_timestamp() - $1 * interval '1 millisecond' AS before), \
+             doomed AS ( \
+               SELECT old.id FROM groups g CROSS JOIN LATERAL ( \
+                 SELECT f.id FROM finished_jobs f \
+                 WHERE f.queue = g.queue AND f.state = g.state AND f.finished_at < (SELECT before FROM cutoff) \
+                 ORDER BY f.finished_at LIMIT $2 FOR UPDATE SKIP LOCKED) old \
+               LIMIT $2), \
+             gone AS ( \
+               DELETE FROM finished_jobs WHERE id IN (SELECT id FROM doomed) \
                RETURNING id, queue, idempotency_key), \
              keys AS ( \
                DELETE FROM idempotency_keys k USING gone \

@@ -21,8 +21,10 @@ use crate::usage::{self, Proc};
 
 pub type Client = BrokerServiceClient<Channel>;
 
-/// Port of the bench's own Postgres (kept running between runs, data under the scratch directory).
-const PG_PORT: u16 = 54340;
+/// Port of the bench's own Postgres (kept running between runs, data under the scratch directory). Below Linux's
+/// ephemeral range (32768–60999): `.ci/run` starts this server right after the test suite, whose many connections
+/// to the test Postgres hold ports of that range, and one held 54340 once (the server could not bind).
+const PG_PORT: u16 = 25340;
 
 /// `DATABASE_URL`, or a durable private Postgres started (or reused) in a scratch directory.
 pub async fn postgres() -> anyhow::Result<(String, Option<LocalPostgres>)> {

@@ -61,11 +61,10 @@ impl<H: BatchHandler> Batcher<H> {
             let (handler, queue, shutdown) = (handler.clone(), queue.clone(), shutdown.clone());
             tracker.spawn(async move {
                 tracing::debug!(task = name, "batch writer started");
-                while let Some(batch) = queue.next_batch(max_weight, &shutdown).await {
+                while let Some((batch, busy)) = queue.next_batch(max_weight, &shutdown).await {
                     let (requests, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
                     let answers = handler.handle(requests).await;
-                    queue.busy.fetch_sub(1, Ordering::SeqCst);
-                    queue.done.notify_one();
+                    drop(busy);
                     for (reply, answer) in replies.into_iter().zip(answers) {
                         let _ = reply.send(answer);
                     }
@@ -99,7 +98,11 @@ struct Queue<H: BatchHandler> {
 impl<H: BatchHandler> Queue<H> {
     /// Waits for a first request, then takes whatever else is already queued, up to `max_weight`. While another
     /// writer is busy, a batch lighter than [`PARALLEL_WEIGHT`] keeps collecting until that writer is done.
-    async fn next_batch(&self, max_weight: usize, shutdown: &CancellationToken) -> Option<Vec<Pending<H>>> {
+    async fn next_batch(
+        &self,
+        max_weight: usize,
+        shutdown: &CancellationToken,
+    ) -> Option<(Vec<Pending<H>>, Busy<'_, H>)> {
         let mut receive = self.receive.lock().await;
         let first = tokio::select! {
             first = receive.recv() => first?,
@@ -134,7 +137,17 @@ impl<H: BatchHandler> Queue<H> {
             }
         }
         self.busy.fetch_add(1, Ordering::SeqCst);
-        Some(batch)
+        Some((batch, Busy(self)))
+    }
+}
+
+/// Counts a writer as busy until dropped (also when its handler panics, so no writer waits for it forever).
+struct Busy<'q, H: BatchHandler>(&'q Queue<H>);
+
+impl<H: BatchHandler> Drop for Busy<'_, H> {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::SeqCst);
+        self.0.done.notify_one();
     }
 }
 
@@ -173,6 +186,11 @@ mod tests {
         Arc::new(Batcher::start("test", recorder.clone(), 2, 5000, &TaskTracker::new(), CancellationToken::new()))
     }
 
+    /// The answer of a call, failing the test (rather than hanging it) if none comes.
+    async fn answered<T>(call: impl Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(5), call).await.expect("answered within 5 s")
+    }
+
     async fn settle() {
         for _ in 0..100 {
             tokio::task::yield_now().await;
@@ -197,9 +215,9 @@ mod tests {
         settle().await;
         assert_eq!(recorder.batches.lock().expect("not poisoned").len(), 1, "the idle writer waited");
         recorder.release.notify_one();
-        held.await.expect("joined").expect("answered");
+        answered(held).await.expect("joined").expect("answered");
         for call in small {
-            call.await.expect("joined").expect("answered");
+            answered(call).await.expect("joined").expect("answered");
         }
         assert_eq!(*recorder.batches.lock().expect("not poisoned"), vec![vec![1], vec![1; 10]]);
     }
@@ -213,10 +231,34 @@ mod tests {
             async move { batcher.call((1, true)).await }
         });
         settle().await;
-        let heavy = tokio::time::timeout(Duration::from_secs(5), batcher.call((PARALLEL_WEIGHT, false))).await;
-        assert!(matches!(heavy, Ok(Ok(()))), "answered while the other writer was still busy");
+        answered(batcher.call((PARALLEL_WEIGHT, false))).await.expect("answered while the other writer is busy");
         recorder.release.notify_one();
-        held.await.expect("joined").expect("answered");
+        answered(held).await.expect("joined").expect("answered");
         assert_eq!(*recorder.batches.lock().expect("not poisoned"), vec![vec![1], vec![PARALLEL_WEIGHT]]);
+    }
+
+    /// Panics on a batch holding `true`.
+    struct Panicker;
+
+    impl BatchHandler for Panicker {
+        type Request = bool;
+        type Response = ();
+
+        fn weight(_: &bool) -> usize {
+            1
+        }
+
+        async fn handle(&self, batch: Vec<bool>) -> Vec<Result<()>> {
+            assert!(!batch.contains(&true), "the handler failed");
+            batch.iter().map(|_| Ok(())).collect()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_writer_whose_handler_panicked_is_no_longer_waited_for() {
+        let batcher =
+            Batcher::start("test", Arc::new(Panicker), 2, 5000, &TaskTracker::new(), CancellationToken::new());
+        assert!(batcher.call(true).await.is_err(), "the panicked batch's caller is answered with an error");
+        answered(batcher.call(false)).await.expect("the other writer took the next request");
     }
 }

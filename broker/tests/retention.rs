@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use broker::config::Settings;
 use common::{TestBroker, test_database, wait_for, worker::*};
-use jobbroker::v1 as pb;
+use jobbroker::v1::{self as pb, broker_service_client::BrokerServiceClient};
+use tonic::transport::Channel;
 
 const QUEUE: &str = "kept";
 
@@ -32,16 +33,7 @@ async fn finished_jobs_are_deleted_after_the_retention_period_with_their_keys() 
 
     // Kept until the retention period has passed.
     assert_eq!(get_job(&mut client, &finished[0]).await.state(), pb::JobState::Succeeded);
-    for id in &finished {
-        wait_for("a finished job to be deleted by retention", Duration::from_secs(15), || {
-            let (mut client, id) = (client.clone(), id.clone());
-            async move {
-                let answer = client.get_job(pb::GetJobRequest { id }).await;
-                matches!(answer, Err(status) if status.code() == tonic::Code::NotFound).then_some(())
-            }
-        })
-        .await;
-    }
+    wait_until_deleted(&client, &finished).await;
     // The live job stays, and the deleted jobs' keys are free again: the same key makes a new job.
     assert_eq!(get_job(&mut client, &live).await.state(), pb::JobState::Queued);
     let again = client.enqueue(pb::EnqueueRequest { jobs: vec![keyed(0)] }).await.expect("enqueue").into_inner();
@@ -79,8 +71,15 @@ async fn retention_reaches_every_queue_and_state_past_a_group_still_retained() {
     let cancelled = client.cancel_job(pb::CancelJobRequest { id: young.clone() }).await.expect("cancel").into_inner();
     assert_eq!(cancelled.job.expect("job").state(), pb::JobState::Cancelled);
 
-    for id in &old {
-        wait_for("an expired job behind a retained group to be deleted", Duration::from_secs(15), || {
+    wait_until_deleted(&client, &old).await;
+    assert_eq!(get_job(&mut client, &young).await.state(), pb::JobState::Cancelled, "still within retention");
+    broker.stop().await;
+}
+
+/// Waits until retention has deleted each of these jobs (GetJob answers NOT_FOUND).
+async fn wait_until_deleted(client: &BrokerServiceClient<Channel>, ids: &[String]) {
+    for id in ids {
+        wait_for("a finished job to be deleted by retention", Duration::from_secs(15), || {
             let (mut client, id) = (client.clone(), id.clone());
             async move {
                 let answer = client.get_job(pb::GetJobRequest { id }).await;
@@ -89,6 +88,4 @@ async fn retention_reaches_every_queue_and_state_past_a_group_still_retained() {
         })
         .await;
     }
-    assert_eq!(get_job(&mut client, &young).await.state(), pb::JobState::Cancelled, "still within retention");
-    broker.stop().await;
 }

@@ -155,6 +155,8 @@ impl<H: BatchHandler> Drop for Busy<'_, H> {
 mod tests {
     use std::{sync::Mutex as StdMutex, time::Duration};
 
+    use tokio::task::JoinHandle;
+
     use super::*;
 
     /// Records the weights of each batch; a batch holding a request marked `hold` waits for `release`.
@@ -182,8 +184,17 @@ mod tests {
         }
     }
 
-    fn start(recorder: &Arc<Recorder>) -> Arc<Batcher<Recorder>> {
-        Arc::new(Batcher::start("test", recorder.clone(), 2, 5000, &TaskTracker::new(), CancellationToken::new()))
+    /// A batcher of two writers, one of them busy with a held batch of weight 1 (the handle answers when released).
+    async fn one_writer_busy() -> (Arc<Recorder>, Arc<Batcher<Recorder>>, JoinHandle<Result<()>>) {
+        let recorder = Arc::new(Recorder::default());
+        let batcher =
+            Arc::new(Batcher::start("test", recorder.clone(), 2, 5000, &TaskTracker::new(), CancellationToken::new()));
+        let held = tokio::spawn({
+            let batcher = batcher.clone();
+            async move { batcher.call((1, true)).await }
+        });
+        settle().await;
+        (recorder, batcher, held)
     }
 
     /// The answer of a call, failing the test (rather than hanging it) if none comes.
@@ -199,13 +210,7 @@ mod tests {
 
     #[tokio::test]
     async fn small_requests_wait_for_the_busy_writer_and_go_as_one_batch() {
-        let recorder = Arc::new(Recorder::default());
-        let batcher = start(&recorder);
-        let held = tokio::spawn({
-            let batcher = batcher.clone();
-            async move { batcher.call((1, true)).await }
-        });
-        settle().await;
+        let (recorder, batcher, held) = one_writer_busy().await;
         let small: Vec<_> = (0..10)
             .map(|_| {
                 let batcher = batcher.clone();
@@ -224,13 +229,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_heavy_batch_runs_beside_the_busy_writer() {
-        let recorder = Arc::new(Recorder::default());
-        let batcher = start(&recorder);
-        let held = tokio::spawn({
-            let batcher = batcher.clone();
-            async move { batcher.call((1, true)).await }
-        });
-        settle().await;
+        let (recorder, batcher, held) = one_writer_busy().await;
         answered(batcher.call((PARALLEL_WEIGHT, false))).await.expect("answered while the other writer is busy");
         recorder.release.notify_one();
         answered(held).await.expect("joined").expect("answered");

@@ -4,16 +4,28 @@
 //! Deliberately thin: it returns the generated clients so every RPC stays available as the proto defines it.
 //! Retrying and worker loops are the caller's business. The token is never printed (`Debug` hides it).
 
-use std::{fmt, time::Duration};
+use std::{
+    fmt,
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
 
+use hyper_util::{client::legacy::connect::HttpConnector, rt::TokioIo};
+use tokio::net::TcpStream;
 use tonic::{
     Request, Status,
+    codegen::{Service, http::Uri},
     metadata::{Ascii, MetadataValue},
     service::{Interceptor, interceptor::InterceptedService},
     transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
 };
 
-use crate::v1::{JobSpec, broker_service_client::BrokerServiceClient};
+use crate::{
+    coalesce::Coalesced,
+    v1::{JobSpec, broker_service_client::BrokerServiceClient},
+};
 
 /// A channel that adds `authorization: Bearer <token>` to every call (nothing without a token).
 pub type AuthChannel = InterceptedService<Channel, Bearer>;
@@ -146,13 +158,42 @@ impl ConnectOptions {
 
     /// A connected channel to `addr` (no token: see [`Self::interceptor`] or [`Self::connect`]).
     pub async fn channel(&self, addr: impl Into<String>) -> Result<Channel, tonic::transport::Error> {
-        self.endpoint(addr)?.connect().await
+        self.endpoint(addr)?.connect_with_connector(Connector::new()).await
     }
 
     /// A `BrokerService` client for `addr` that sends the token on every call.
     pub async fn connect(&self, addr: impl Into<String>) -> Result<BrokerClient, tonic::transport::Error> {
         let channel = self.channel(addr).await?;
         Ok(BrokerServiceClient::with_interceptor(channel, self.interceptor()))
+    }
+}
+
+/// Opens TCP connections (no Nagle: a call is sent at once) whose writes are [`Coalesced`]; the endpoint adds TLS
+/// on top for `https://` and the connect timeout around it.
+#[derive(Clone)]
+struct Connector(HttpConnector);
+
+impl Connector {
+    fn new() -> Connector {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        Connector(http)
+    }
+}
+
+impl Service<Uri> for Connector {
+    type Response = TokioIo<Coalesced<TcpStream>>;
+    type Error = <HttpConnector as Service<Uri>>::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let connecting = self.0.call(uri);
+        Box::pin(async move { Ok(TokioIo::new(Coalesced::new(connecting.await?.into_inner()))) })
     }
 }
 

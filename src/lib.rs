@@ -5,6 +5,7 @@
 //! what a job does and how the broker decides is in the `broker` crate.
 
 pub mod client;
+pub mod coalesce;
 pub mod tls;
 pub mod worker;
 

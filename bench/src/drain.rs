@@ -47,21 +47,13 @@ pub async fn run(env: &Env, jobs: usize, workers: Workers) -> anyhow::Result<Vec
     let window = Window::start(env.broker()?, env.postmaster)?;
     let took = drain(env, "drain", jobs, workers).await?;
     let used = window.finish().await?;
-    let per_10k = |cpu: f64| cpu * 10_000.0 / jobs as f64;
     let name = format!("drain: {jobs} no-op jobs, {} workers × capacity {}", workers.count, workers.capacity);
     let mut figures = vec![
         Figure::rate("drain.rate", name, jobs, took).bar(Bar::AtLeast(30_000.0)),
         Figure::new("drain.broker_rss_peak", "drain: broker peak RSS", used.broker_peak_mib, "MiB")
             .bar(Bar::AtMost(100.0)),
-        Figure::new("drain.broker_cpu", "drain: broker CPU per 10 000 jobs", per_10k(used.broker_cpu), "s"),
     ];
-    if let Some(cpu) = used.postgres_cpu {
-        figures.push(Figure::new("drain.postgres_cpu", "drain: Postgres CPU per 10 000 jobs", per_10k(cpu), "s"));
-    }
-    let name = "drain: bench (worker loops) CPU per 10 000 jobs";
-    figures.push(Figure::new("drain.bench_cpu", name, per_10k(used.bench_cpu), "s"));
-    let name = "drain: wall time per 10 000 jobs (2 cores = 2× this in CPU)";
-    figures.push(Figure::new("drain.wall", name, used.wall.as_secs_f64() * 10_000.0 / jobs as f64, "s"));
+    figures.extend(used.per_10k("drain", "drain", "worker loops", jobs));
     Ok(figures)
 }
 

@@ -14,6 +14,7 @@ use tokio::task::JoinSet;
 use crate::{
     env::Env,
     report::{Bar, Figure},
+    usage::Window,
 };
 
 /// Clients sending batches.
@@ -30,9 +31,12 @@ pub fn spec(queue: &str, payload: impl Into<Vec<u8>>) -> pb::JobSpec {
 /// batches of 100 and of 1000.
 pub async fn run(env: &Env, single: usize, clients: usize, jobs: usize) -> anyhow::Result<Vec<Figure>> {
     let connections = clients.min(SINGLE_CONNECTIONS);
+    let window = Window::start(env.broker()?, env.postmaster)?;
     let took = send(env, "single", single, 1, clients, connections).await?;
+    let used = window.finish().await?;
     let name = format!("Enqueue: single-job RPCs, {clients} clients over {connections} connections");
     let mut figures = vec![Figure::rate("enqueue.single", name, single, took).bar(Bar::AtLeast(20_000.0))];
+    figures.extend(used.per_10k("enqueue.single", "single-job Enqueue", "clients", single));
     let took = batches(env, "batch100", jobs, 100).await?;
     let name = format!("Enqueue: batches of 100, {BATCH_CLIENTS} clients");
     figures.push(Figure::rate("enqueue.batch100", name, jobs, took));

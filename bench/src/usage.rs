@@ -16,6 +16,8 @@ use anyhow::Context as _;
 use tokio::{process::Child, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
+use crate::report::Figure;
+
 /// One process, by pid.
 #[derive(Debug, Clone, Copy)]
 pub struct Proc(pub u32);
@@ -159,6 +161,29 @@ impl Window {
             bench_cpu: cpu[2] - self.cpu[2],
             broker_peak_mib: peak,
         })
+    }
+}
+
+impl Used {
+    /// CPU per 10 000 of `jobs` of the broker, Postgres and the bench (whose part is `bench_role`), and wall time
+    /// likewise, as figures keyed `{key}.broker_cpu` … and named `{scenario}: …`.
+    pub fn per_10k(&self, key: &str, scenario: &str, bench_role: &str, jobs: usize) -> Vec<Figure> {
+        let per_10k = |seconds: f64| seconds * 10_000.0 / jobs as f64;
+        let mut figures = vec![Figure::new(
+            format!("{key}.broker_cpu"),
+            format!("{scenario}: broker CPU per 10 000 jobs"),
+            per_10k(self.broker_cpu),
+            "s",
+        )];
+        if let Some(cpu) = self.postgres_cpu {
+            let name = format!("{scenario}: Postgres CPU per 10 000 jobs");
+            figures.push(Figure::new(format!("{key}.postgres_cpu"), name, per_10k(cpu), "s"));
+        }
+        let name = format!("{scenario}: bench ({bench_role}) CPU per 10 000 jobs");
+        figures.push(Figure::new(format!("{key}.bench_cpu"), name, per_10k(self.bench_cpu), "s"));
+        let name = format!("{scenario}: wall time per 10 000 jobs (2 cores = 2× this in CPU)");
+        figures.push(Figure::new(format!("{key}.wall"), name, per_10k(self.wall.as_secs_f64()), "s"));
+        figures
     }
 }
 

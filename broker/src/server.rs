@@ -7,11 +7,16 @@
 //! Shutdown order (SPEC): health NOT_SERVING, stop handing out leases and close worker streams (they reconnect
 //! elsewhere; their leases stay valid), let in-flight RPCs finish within a bounded grace, stop background work.
 
-use std::{future::Future, time::Duration};
+use std::{future::Future, io, time::Duration};
 
 use anyhow::Context as _;
+use jobbroker::coalesce::Coalesced;
 use jobbroker::v1::{admin_service_server::AdminServiceServer, broker_service_server::BrokerServiceServer};
-use tokio::{net::TcpListener, sync::watch};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
+use tokio_stream::{Stream, StreamExt as _};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig, server::TcpIncoming};
 use tonic_health::{ServingStatus, server::HealthReporter};
@@ -159,10 +164,11 @@ pub async fn serve(
     served
 }
 
-/// Accepted connections of `listener`. `Server::tcp_nodelay` does not reach sockets from our own listener:
-/// without this, Nagle holds a pushed assignment back until the client's delayed ACK (~40 ms).
-fn incoming(listener: TcpListener) -> TcpIncoming {
-    TcpIncoming::from(listener).with_nodelay(Some(true))
+/// Accepted connections of `listener`, their writes [`Coalesced`]. `Server::tcp_nodelay` does not reach sockets
+/// from our own listener: without this, Nagle holds a pushed assignment back until the client's delayed ACK
+/// (~40 ms).
+fn incoming(listener: TcpListener) -> impl Stream<Item = io::Result<Coalesced<TcpStream>>> {
+    TcpIncoming::from(listener).with_nodelay(Some(true)).map(|accepted| accepted.map(Coalesced::new))
 }
 
 fn tls_config(tls: &Tls) -> ServerTlsConfig {

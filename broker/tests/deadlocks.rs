@@ -26,13 +26,19 @@ async fn deadlocks(pool: &PgPool) -> i64 {
         .expect("reading the deadlock count")
 }
 
-/// Returns once some statement (the heartbeat) waits for a row lock.
+/// Returns once some statement of this database (the heartbeat) waits for a lock.
 async fn heartbeat_waits(pool: &PgPool) {
     wait_for("the heartbeat to wait for the held row", WAIT, || {
         let pool = pool.clone();
         async move {
-            let waiting: i64 =
-                sqlx::query_scalar("SELECT count(*) FROM pg_locks WHERE NOT granted").fetch_one(&pool).await.ok()?;
+            // pg_locks spans the cluster, where other tests run: only this database's backends count.
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+                 WHERE NOT l.granted AND a.datname = current_database()",
+            )
+            .fetch_one(&pool)
+            .await
+            .ok()?;
             (waiting > 0).then_some(())
         }
     })

@@ -113,7 +113,8 @@ impl Store {
     }
 
     /// Hot: leases due jobs of `queues` (paused ones skipped) to the given free slots in one statement, best job to
-    /// the first slot. It looks at one due job more than there are slots, to tell whether more are waiting.
+    /// the first slot. It looks at one due job more than there are slots, to tell whether more are waiting. The
+    /// picked rows are updated at the row address (`ctid`) their lock returned: no second index lookup per job.
     pub async fn claim(&self, queues: &[String], slots: &[Slot]) -> Result<Claimed> {
         let rows = sqlx::query(concat!(
             "WITH slots AS ( \
@@ -124,11 +125,11 @@ impl Store {
                WHERE NOT EXISTS (SELECT 1 FROM queues p WHERE p.name = q.name AND p.paused)), \
              candidates AS ( \
                SELECT c.* FROM open_queues q CROSS JOIN LATERAL ( \
-                 SELECT id AS pick, priority AS pick_priority, run_at AS pick_run_at FROM jobs \
+                 SELECT ctid AS pick, priority AS pick_priority, run_at AS pick_run_at, id AS pick_id FROM jobs \
                  WHERE queue = q.name AND state = 'queued' AND run_at <= clock_timestamp() \
                  ORDER BY priority DESC, run_at, id LIMIT $4 + 1 FOR UPDATE SKIP LOCKED) c), \
              picked AS ( \
-               SELECT pick, row_number() OVER (ORDER BY pick_priority DESC, pick_run_at, pick) AS slot \
+               SELECT pick, row_number() OVER (ORDER BY pick_priority DESC, pick_run_at, pick_id) AS slot \
                FROM candidates), \
              seen AS (SELECT count(*) AS seen FROM candidates) \
              UPDATE jobs SET state = 'leased', attempt = attempt + 1, lease_id = gen_random_uuid(), \
@@ -138,7 +139,7 @@ impl Store {
                attempt_deadline = clock_timestamp() + execution_timeout_ms * interval '1 millisecond', \
                lease_expires_at = LEAST(clock_timestamp() + lease_ttl_ms * interval '1 millisecond', \
                  clock_timestamp() + execution_timeout_ms * interval '1 millisecond') \
-             FROM picked JOIN slots USING (slot) CROSS JOIN seen WHERE id = pick \
+             FROM picked JOIN slots USING (slot) CROSS JOIN seen WHERE ctid = pick \
              RETURNING slot, seen, ",
             live_job!()
         ))
@@ -182,17 +183,18 @@ impl Store {
             beats.iter().map(|b| b.progress.as_ref().map(|p| p.message.as_str())).collect();
         let rows = retry_deadlocks(|| {
             sqlx::query(
-            // Each lease is looked up and locked by itself, as in `settle`, then updated by primary key.
+            // Each lease is looked up and locked by itself, then updated at the row address the lock returned, as in
+            // `settle`.
             "WITH held AS MATERIALIZED ( \
-               SELECT b.percent, b.message, l.job_id \
+               SELECT b.percent, b.message, l.row_tid \
                FROM unnest($1::uuid[], $2::int[], $3::text[]) AS b(beat_lease, percent, message) \
                CROSS JOIN LATERAL ( \
-                 SELECT id AS job_id FROM jobs WHERE lease_id = b.beat_lease AND state = 'leased' FOR UPDATE) l) \
+                 SELECT ctid AS row_tid FROM jobs WHERE lease_id = b.beat_lease AND state = 'leased' FOR UPDATE) l) \
              UPDATE jobs SET \
                lease_expires_at = LEAST(clock_timestamp() + lease_ttl_ms * interval '1 millisecond', attempt_deadline), \
                progress_percent = COALESCE(h.percent, progress_percent), \
                progress_message = COALESCE(h.message, progress_message) \
-             FROM held h WHERE id = h.job_id \
+             FROM held h WHERE ctid = h.row_tid \
              RETURNING lease_id, id, lease_expires_at, cancel_requested, \
                lease_expires_at > clock_timestamp() AS active",
             )
@@ -248,7 +250,8 @@ impl Store {
     /// absent from the answer. Its cost stays proportional to the batch whatever the planner's statistics say:
     /// each lease is looked up and locked by itself (`held`: a lateral probe of the `lease_id` index per input
     /// row, which no join strategy can turn into a scan of every leased row), the rows are then ended or re-queued
-    /// by primary key, and the answer is read from `ended` itself (Postgres runs the insert into `finished_jobs`
+    /// at the row address (`ctid`) the lock returned (a TID scan: no second index lookup; a locked row cannot
+    /// move before the statement ends), and the answer is read from `ended` itself (Postgres runs the insert into `finished_jobs`
     /// to completion although nothing reads it) rather than joined with it.
     pub async fn settle(&self, items: &[SettleLease]) -> Result<Vec<Settled>> {
         let items = in_lock_order(items, |item| item.lease_id);
@@ -276,13 +279,13 @@ impl Store {
                SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::bytea[], $5::text[], $6::bool[]) \
                AS i(in_lease, action, delay_ms, new_result, error, only_if_expired)), \
              held AS MATERIALIZED ( \
-               SELECT i.*, l.job_id, l.ends FROM input i CROSS JOIN LATERAL ( \
-                 SELECT id AS job_id, (i.action IN ('succeed', 'fail') OR cancel_requested) AS ends FROM jobs \
+               SELECT i.*, l.row_tid, l.ends FROM input i CROSS JOIN LATERAL ( \
+                 SELECT ctid AS row_tid, (i.action IN ('succeed', 'fail') OR cancel_requested) AS ends FROM jobs \
                  WHERE lease_id = i.in_lease AND state = 'leased' \
                    AND (NOT i.only_if_expired OR lease_expires_at <= clock_timestamp()) \
                  FOR UPDATE) l), \
              ended AS ( \
-               DELETE FROM jobs j USING held h WHERE j.id = h.job_id AND h.ends \
+               DELETE FROM jobs j USING held h WHERE j.ctid = h.row_tid AND h.ends \
                RETURNING j.*, h.action, h.new_result, h.error, \
                  CASE WHEN j.cancel_requested THEN 'cancelled' WHEN h.action = 'succeed' THEN 'succeeded' \
                       ELSE 'failed' END AS end_state, \
@@ -301,7 +304,7 @@ impl Store {
                  attempt = CASE WHEN h.action = 'release' THEN j.attempt - 1 ELSE j.attempt END, \
                  last_error = COALESCE(h.error, j.last_error), lease_id = NULL, session_id = NULL, \
                  lease_expires_at = NULL, attempt_deadline = NULL \
-               FROM held h WHERE j.id = h.job_id AND NOT h.ends \
+               FROM held h WHERE j.ctid = h.row_tid AND NOT h.ends \
                RETURNING h.in_lease AS lease_id, j.id, j.state, j.queue, \
                  extract(epoch FROM clock_timestamp() - j.leased_at)::float8 AS held_s) \
              SELECT lease_id, id, end_state AS state, queue, held_s FROM ended \

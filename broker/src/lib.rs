@@ -3,6 +3,13 @@
 //! Data flows one way: [`api`] (tonic adapters) → [`domain`] (leasing, dispatch, retry policy) → [`store`]
 //! (all SQL). [`serve`] is what `main` and the tests call; [`run`] adds the command line around it.
 
+/// mimalloc instead of the system allocator, for every binary linking the broker (`broker`, the bench that runs
+/// it as a child, the tests): each RPC allocates and frees many small buffers across threads, which cost glibc's
+/// allocator about a tenth of the broker's CPU (BENCHMARKS.md). Built without transparent huge pages (`no_thp`):
+/// with them a drain's peak RSS was 80–107 MiB instead of 47.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 pub mod api;
 pub mod auth;
 pub mod config;

@@ -41,6 +41,8 @@ const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
 const COMPLETE_RETRY: Duration = Duration::from_millis(500);
 /// Longest progress message the broker accepts (SPEC limits).
 const MAX_PROGRESS_MESSAGE: usize = 1024;
+/// Most leases one Heartbeat may name (the broker's default `--max-leases-per-heartbeat`).
+const MAX_BEATS: usize = 1000;
 /// Range the broker accepts for a failure's `retry_after` (SPEC: durations are 1 ms to 30 days).
 const MIN_RETRY_AFTER: Duration = Duration::from_millis(1);
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -595,32 +597,32 @@ async fn heartbeats(shared: Arc<Shared>, finished: CancellationToken) {
         }
         let jobs: Vec<ActiveJob> = shared.running.lock().expect("running lock").values().cloned().collect();
         let Some(mut client) = shared.link.borrow().as_ref().map(|link| link.client.clone()) else { continue };
-        if jobs.is_empty() {
-            continue;
-        }
-        let leases = jobs
-            .iter()
-            .map(|job| pb::LeaseBeat {
-                lease_id: job.lease_id().to_owned(),
-                progress: job.inner.progress.borrow().clone(),
-            })
-            .collect();
-        match client.heartbeat(pb::HeartbeatRequest { leases }).await {
-            Ok(answer) => {
-                for (job, status) in jobs.iter().zip(answer.into_inner().leases) {
-                    // A job that finished while the heartbeat was in flight: its lease ended with it.
-                    if !shared.running.lock().expect("running lock").contains_key(job.lease_id()) {
-                        continue;
-                    }
-                    if !status.active {
-                        tracing::warn!(job_id = %job.id(), "lease lost; stopping the job");
-                        job.stop(StopReason::LeaseLost);
-                    } else if status.cancel_requested {
-                        job.stop(StopReason::Cancelled);
+        // A worker may run more jobs than one Heartbeat may name: one call per slice.
+        for jobs in jobs.chunks(MAX_BEATS) {
+            let leases = jobs
+                .iter()
+                .map(|job| pb::LeaseBeat {
+                    lease_id: job.lease_id().to_owned(),
+                    progress: job.inner.progress.borrow().clone(),
+                })
+                .collect();
+            match client.heartbeat(pb::HeartbeatRequest { leases }).await {
+                Ok(answer) => {
+                    for (job, status) in jobs.iter().zip(answer.into_inner().leases) {
+                        // A job that finished while the heartbeat was in flight: its lease ended with it.
+                        if !shared.running.lock().expect("running lock").contains_key(job.lease_id()) {
+                            continue;
+                        }
+                        if !status.active {
+                            tracing::warn!(job_id = %job.id(), "lease lost; stopping the job");
+                            job.stop(StopReason::LeaseLost);
+                        } else if status.cancel_requested {
+                            job.stop(StopReason::Cancelled);
+                        }
                     }
                 }
+                Err(status) => tracing::warn!(%status, "heartbeat failed; retrying next period"),
             }
-            Err(status) => tracing::warn!(%status, "heartbeat failed; retrying next period"),
         }
     }
 }

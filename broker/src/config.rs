@@ -151,6 +151,30 @@ pub struct ServeArgs {
     /// Largest capacity one Lease stream may declare.
     #[arg(long, env = "JOBBROKER_MAX_STREAM_CAPACITY", default_value_t = 10_000)]
     pub max_stream_capacity: u32,
+    /// Longest idempotency key, in bytes.
+    #[arg(long, env = "JOBBROKER_MAX_IDEMPOTENCY_KEY_BYTES", default_value_t = 256)]
+    pub max_idempotency_key_bytes: usize,
+    /// Longest metadata (and worker label) key, in bytes.
+    #[arg(long, env = "JOBBROKER_MAX_METADATA_KEY_BYTES", default_value_t = 256)]
+    pub max_metadata_key_bytes: usize,
+    /// Longest metadata (and worker label) value, in bytes.
+    #[arg(long, env = "JOBBROKER_MAX_METADATA_VALUE_BYTES", default_value_t = 4096)]
+    pub max_metadata_value_bytes: usize,
+    /// Most queues one Lease stream may take jobs from.
+    #[arg(long, env = "JOBBROKER_MAX_QUEUES_PER_STREAM", default_value_t = 64)]
+    pub max_queues_per_stream: usize,
+    /// Most leases one Heartbeat may name (the Rust worker library sends at most 1000 per call).
+    #[arg(long, env = "JOBBROKER_MAX_LEASES_PER_HEARTBEAT", default_value_t = 1000)]
+    pub max_leases_per_heartbeat: usize,
+    /// Longest progress message, in bytes (the Rust worker library cuts its messages to 1024).
+    #[arg(long, env = "JOBBROKER_MAX_PROGRESS_MESSAGE_BYTES", default_value_t = 1024)]
+    pub max_progress_message_bytes: usize,
+    /// Longest failure message kept, in bytes; longer ones are cut, not refused (a worker keeps its completion).
+    #[arg(long, env = "JOBBROKER_MAX_ERROR_MESSAGE_BYTES", default_value_t = 4096)]
+    pub max_error_message_bytes: usize,
+    /// Largest page an AdminService listing returns.
+    #[arg(long, env = "JOBBROKER_MAX_PAGE_SIZE", default_value_t = 1000)]
+    pub max_page_size: u32,
     /// Largest gRPC message the broker decodes or encodes, in bytes.
     #[arg(long, env = "JOBBROKER_MAX_MESSAGE_BYTES", default_value_t = 16 << 20)]
     pub max_message_bytes: usize,
@@ -334,6 +358,14 @@ pub struct Limits {
     pub max_metadata_entries: usize,
     pub max_stream_capacity: u32,
     pub max_message_bytes: usize,
+    pub max_idempotency_key_bytes: usize,
+    pub max_metadata_key_bytes: usize,
+    pub max_metadata_value_bytes: usize,
+    pub max_queues_per_stream: usize,
+    pub max_leases_per_heartbeat: usize,
+    pub max_progress_message_bytes: usize,
+    pub max_error_message_bytes: usize,
+    pub max_page_size: u32,
 }
 
 impl ServeArgs {
@@ -379,6 +411,14 @@ impl ServeArgs {
             ("--max-jobs-per-enqueue", self.max_jobs_per_enqueue),
             ("--max-stream-capacity", self.max_stream_capacity as usize),
             ("--max-message-bytes", self.max_message_bytes),
+            ("--max-idempotency-key-bytes", self.max_idempotency_key_bytes),
+            ("--max-metadata-key-bytes", self.max_metadata_key_bytes),
+            ("--max-metadata-value-bytes", self.max_metadata_value_bytes),
+            ("--max-queues-per-stream", self.max_queues_per_stream),
+            ("--max-leases-per-heartbeat", self.max_leases_per_heartbeat),
+            ("--max-progress-message-bytes", self.max_progress_message_bytes),
+            ("--max-error-message-bytes", self.max_error_message_bytes),
+            ("--max-page-size", self.max_page_size as usize),
             ("--write-batch", self.write_batch),
             ("--writers", self.writers),
             ("--max-concurrent-streams", self.max_concurrent_streams as usize),
@@ -419,6 +459,14 @@ impl ServeArgs {
                 max_metadata_entries: self.max_metadata_entries,
                 max_stream_capacity: self.max_stream_capacity,
                 max_message_bytes: self.max_message_bytes,
+                max_idempotency_key_bytes: self.max_idempotency_key_bytes,
+                max_metadata_key_bytes: self.max_metadata_key_bytes,
+                max_metadata_value_bytes: self.max_metadata_value_bytes,
+                max_queues_per_stream: self.max_queues_per_stream,
+                max_leases_per_heartbeat: self.max_leases_per_heartbeat,
+                max_progress_message_bytes: self.max_progress_message_bytes,
+                max_error_message_bytes: self.max_error_message_bytes,
+                max_page_size: self.max_page_size,
             },
             write_batch: self.write_batch,
             writers: self.writers,

@@ -8,7 +8,9 @@ use std::{collections::HashMap, fmt::Debug, time::Duration};
 
 use broker::config::Settings;
 use common::{TestBroker, test_database, worker::*};
-use jobbroker::v1::{self as pb, broker_service_client::BrokerServiceClient, lease_request};
+use jobbroker::v1::{
+    self as pb, admin_service_client::AdminServiceClient, broker_service_client::BrokerServiceClient, lease_request,
+};
 use sqlx::{Connection, PgConnection};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -298,8 +300,36 @@ async fn limits_are_settings() {
     settings.limits.max_jobs_per_enqueue = 3;
     settings.limits.max_metadata_entries = 2;
     settings.limits.max_stream_capacity = 5;
+    settings.limits.max_idempotency_key_bytes = 4;
+    settings.limits.max_metadata_key_bytes = 3;
+    settings.limits.max_metadata_value_bytes = 5;
+    settings.limits.max_queues_per_stream = 2;
+    settings.limits.max_leases_per_heartbeat = 2;
+    settings.limits.max_progress_message_bytes = 6;
+    settings.limits.max_page_size = 7;
     let broker = TestBroker::start(settings).await;
     let mut client = broker.client().await;
+    let long_key = spec(|s| s.idempotency_key = "12345".into());
+    assert_invalid(enqueue_all(&mut client, vec![long_key]).await, "jobs[0].idempotency_key");
+    let long_name = spec(|s| s.metadata = HashMap::from([("abcd".into(), "v".into())]));
+    assert_invalid(enqueue_all(&mut client, vec![long_name]).await, "jobs[0].metadata[abcd]");
+    let long_value = spec(|s| s.metadata = HashMap::from([("k".into(), "123456".into())]));
+    assert_invalid(enqueue_all(&mut client, vec![long_value]).await, "jobs[0].metadata[k]");
+    let three = pb::Register {
+        worker_id: "w".into(),
+        queues: vec!["a".into(), "b".into(), "c".into()],
+        capacity: 1,
+        ..Default::default()
+    };
+    assert_invalid(TestWorker::register(client.clone(), three).await.map(|_| ()), "register.queues");
+    let beats = (0..3).map(|_| pb::LeaseBeat { lease_id: Uuid::new_v4().to_string(), progress: None }).collect();
+    assert_invalid(client.heartbeat(pb::HeartbeatRequest { leases: beats }).await, "leases");
+    let progress = Some(pb::Progress { percent: 1, message: "1234567".into() });
+    let beat = pb::LeaseBeat { lease_id: Uuid::new_v4().to_string(), progress };
+    assert_invalid(client.heartbeat(pb::HeartbeatRequest { leases: vec![beat] }).await, "leases[0].progress.message");
+    let mut admin = AdminServiceClient::new(broker.channel().await);
+    let page = pb::ListJobsRequest { queue: "small".into(), page_size: 8, ..Default::default() };
+    assert_invalid(admin.list_jobs(page).await, "page_size");
 
     let ten = || pb::JobSpec::new("small", "work", vec![1; 10]);
     assert_invalid(enqueue_all(&mut client, vec![spec(|s| s.payload = vec![1; 11])]).await, "jobs[0].payload");

@@ -12,8 +12,8 @@ use super::convert;
 use crate::{domain::Broker, error::Error, model::JobState};
 
 /// Page size when a ListJobs request leaves it unset, and the largest allowed.
+/// Page size when a listing names none (or less, when `--max-page-size` is lower).
 const DEFAULT_PAGE_SIZE: u32 = 50;
-const MAX_PAGE_SIZE: u32 = 1000;
 const ALL_STATES: &[JobState] =
     &[JobState::Queued, JobState::Leased, JobState::Succeeded, JobState::Failed, JobState::Cancelled];
 const DEAD_STATES: &[JobState] = &[JobState::Failed, JobState::Cancelled];
@@ -21,11 +21,13 @@ const TERMINAL_STATES: &[JobState] = &[JobState::Succeeded, JobState::Failed, Jo
 
 pub struct AdminApi {
     broker: Arc<Broker>,
+    /// `--max-page-size`.
+    max_page_size: u32,
 }
 
 impl AdminApi {
-    pub fn new(broker: Arc<Broker>) -> AdminApi {
-        AdminApi { broker }
+    pub fn new(broker: Arc<Broker>, max_page_size: u32) -> AdminApi {
+        AdminApi { broker, max_page_size }
     }
 }
 
@@ -57,9 +59,9 @@ impl AdminService for AdminApi {
         convert::queue("queue", &request.queue)?;
         let state = convert::state_filter("state", request.state, ALL_STATES)?;
         let page_size = match request.page_size {
-            0 => DEFAULT_PAGE_SIZE,
-            size if size <= MAX_PAGE_SIZE => size,
-            _ => return Err(Error::invalid("page_size", format!("must be at most {MAX_PAGE_SIZE}")).into()),
+            0 => DEFAULT_PAGE_SIZE.min(self.max_page_size),
+            size if size <= self.max_page_size => size,
+            _ => return Err(Error::invalid("page_size", format!("must be at most {}", self.max_page_size)).into()),
         };
         let after = match request.page_token.as_str() {
             "" => None,

@@ -217,7 +217,7 @@ impl BrokerService for BrokerApi {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        let beats = convert::heartbeat_request(request.into_inner())?;
+        let beats = convert::heartbeat_request(request.into_inner(), &self.limits)?;
         let lease_ids: Vec<_> = beats.iter().map(|b| b.lease_id).collect();
         let answers = self.broker.heartbeat(beats).await?;
         let leases = lease_ids

@@ -16,16 +16,8 @@ use crate::{
     model::{Beat, Job, JobState, Outcome, Progress, QueueStats, SpecRequest, TraceContext, WorkerInfo},
 };
 
-/// Longest name of a queue or kind, and of a worker id.
+/// Longest name of a queue or kind (SPEC's name format), and half the longest worker id.
 const MAX_NAME: usize = 128;
-const MAX_IDEMPOTENCY_KEY: usize = 256;
-const MAX_METADATA_KEY: usize = 256;
-const MAX_METADATA_VALUE: usize = 4096;
-const MAX_PROGRESS_MESSAGE: usize = 1024;
-/// Failure messages longer than this are truncated, not refused: a worker should not lose its completion.
-const MAX_ERROR_MESSAGE: usize = 4096;
-const MAX_QUEUES_PER_STREAM: usize = 64;
-const MAX_BEATS: usize = 1000;
 /// Longest `tracestate` kept (W3C asks vendors to propagate at least 512 characters).
 const MAX_TRACESTATE: usize = 512;
 
@@ -189,7 +181,7 @@ fn job_spec(
     if spec.max_attempts > 1000 {
         check.fail(field("max_attempts"), "must be in 1..=1000 (0 takes the default)");
     }
-    check.max_len(field("idempotency_key"), spec.idempotency_key.len(), MAX_IDEMPOTENCY_KEY);
+    check.max_len(field("idempotency_key"), spec.idempotency_key.len(), limits.max_idempotency_key_bytes);
     if spec.metadata.len() > limits.max_metadata_entries {
         check.fail(field("metadata"), format!("must have at most {} entries", limits.max_metadata_entries));
     }
@@ -198,8 +190,8 @@ fn job_spec(
             check.fail(field("metadata"), "keys must not be empty");
         }
         let field = || Lazy(move || format!("jobs[{index}].metadata[{}]", clip(key)));
-        check.max_len(field(), key.len(), MAX_METADATA_KEY);
-        check.max_len(field(), value.len(), MAX_METADATA_VALUE);
+        check.max_len(field(), key.len(), limits.max_metadata_key_bytes);
+        check.max_len(field(), value.len(), limits.max_metadata_value_bytes);
     }
     let lease_ttl = check.duration(field("lease_ttl"), spec.lease_ttl.as_ref());
     let execution_timeout = check.duration(field("execution_timeout"), spec.execution_timeout.as_ref());
@@ -238,8 +230,8 @@ pub fn register(register: pb::Register, limits: &Limits) -> Result<Registration>
     if register.worker_id.is_empty() || register.worker_id.len() > MAX_NAME * 2 {
         check.fail("register.worker_id", format!("must be 1 to {} bytes", MAX_NAME * 2));
     }
-    if register.queues.is_empty() || register.queues.len() > MAX_QUEUES_PER_STREAM {
-        check.fail("register.queues", format!("must name 1 to {MAX_QUEUES_PER_STREAM} queues"));
+    if register.queues.is_empty() || register.queues.len() > limits.max_queues_per_stream {
+        check.fail("register.queues", format!("must name 1 to {} queues", limits.max_queues_per_stream));
     }
     for (i, queue) in register.queues.iter().enumerate() {
         check.name(format!("register.queues[{i}]"), queue);
@@ -251,8 +243,8 @@ pub fn register(register: pb::Register, limits: &Limits) -> Result<Registration>
         check.fail("register.labels", format!("must have at most {} entries", limits.max_metadata_entries));
     }
     for (key, value) in &register.labels {
-        check.max_len(format!("register.labels[{}]", clip(key)), key.len(), MAX_METADATA_KEY);
-        check.max_len(format!("register.labels[{}]", clip(key)), value.len(), MAX_METADATA_VALUE);
+        check.max_len(format!("register.labels[{}]", clip(key)), key.len(), limits.max_metadata_key_bytes);
+        check.max_len(format!("register.labels[{}]", clip(key)), value.len(), limits.max_metadata_value_bytes);
     }
     if register.held_lease_ids.len() > limits.max_stream_capacity as usize {
         check.fail("register.held_lease_ids", format!("must name at most {} leases", limits.max_stream_capacity));
@@ -285,10 +277,10 @@ pub fn capacity(capacity: &pb::SetCapacity, limits: &Limits) -> Result<u32> {
     Ok(capacity.capacity)
 }
 
-pub fn heartbeat_request(request: pb::HeartbeatRequest) -> Result<Vec<Beat>> {
+pub fn heartbeat_request(request: pb::HeartbeatRequest, limits: &Limits) -> Result<Vec<Beat>> {
     let mut check = Check::default();
-    if request.leases.is_empty() || request.leases.len() > MAX_BEATS {
-        check.fail("leases", format!("must hold 1 to {MAX_BEATS} leases"));
+    if request.leases.is_empty() || request.leases.len() > limits.max_leases_per_heartbeat {
+        check.fail("leases", format!("must hold 1 to {} leases", limits.max_leases_per_heartbeat));
     }
     let beats = request
         .leases
@@ -299,7 +291,8 @@ pub fn heartbeat_request(request: pb::HeartbeatRequest) -> Result<Vec<Beat>> {
                 if progress.percent > 100 {
                     check.fail(format!("leases[{i}].progress.percent"), "must be in 0..=100");
                 }
-                check.max_len(format!("leases[{i}].progress.message"), progress.message.len(), MAX_PROGRESS_MESSAGE);
+                let max = limits.max_progress_message_bytes;
+                check.max_len(format!("leases[{i}].progress.message"), progress.message.len(), max);
             }
             match Uuid::parse_str(&beat.lease_id) {
                 Ok(lease_id) => Some(Beat {
@@ -331,8 +324,9 @@ pub fn complete_request(request: pb::CompleteRequest, limits: &Limits) -> Result
         Some(pb::complete_request::Outcome::Failure(failure)) => {
             let retry_after = check.duration("failure.retry_after", failure.retry_after.as_ref());
             let mut message = failure.message;
-            if message.len() > MAX_ERROR_MESSAGE {
-                let end = (0..=MAX_ERROR_MESSAGE).rev().find(|&i| message.is_char_boundary(i)).unwrap_or(0);
+            let max = limits.max_error_message_bytes;
+            if message.len() > max {
+                let end = (0..=max).rev().find(|&i| message.is_char_boundary(i)).unwrap_or(0);
                 message.truncate(end);
             }
             Outcome::Failure { message, non_retryable: failure.non_retryable, retry_after }

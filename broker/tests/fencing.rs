@@ -1,6 +1,7 @@
 //! Fencing (SPEC: fencing and delivery): only a job's current lease can heartbeat or complete it. A worker whose
 //! lease was reassigned is refused with ABORTED / `LEASE_LOST` and changes nothing; a lease past its deadline that
-//! nobody has reassigned yet is still current.
+//! nobody has reassigned yet is still current, and so is a lease whose row another transaction changed while the
+//! call waited for it.
 
 mod common;
 
@@ -126,5 +127,73 @@ async fn a_complete_after_the_deadline_but_before_reassignment_is_accepted() {
     assert_eq!(job.state(), pb::JobState::Succeeded);
     assert_eq!(job.result, b"late but fine");
     assert_eq!(job.attempt, 1);
+    broker.stop().await;
+}
+
+/// Holds `job`'s row in a transaction that changes it, runs `call` (which must wait for that row), and commits once
+/// Postgres shows the call waiting: the call's statement then finds the row changed after its snapshot was taken.
+async fn change_row_under<T: Send + 'static>(
+    pool: &PgPool,
+    lease_id: &str,
+    call: impl Future<Output = T> + Send + 'static,
+) -> T {
+    let lease_id: uuid::Uuid = lease_id.parse().expect("a lease id is a UUID");
+    let mut tx = pool.begin().await.expect("a transaction");
+    let changed = sqlx::query("UPDATE jobs SET progress_message = 'changed meanwhile' WHERE lease_id = $1")
+        .bind(lease_id)
+        .execute(&mut *tx)
+        .await
+        .expect("changing the leased row");
+    assert_eq!(changed.rows_affected(), 1, "the lease's row is in the table");
+    let call = tokio::spawn(call);
+    wait_for("the call to wait for the row lock", Duration::from_secs(5), || {
+        let pool = pool.clone();
+        async move {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&pool)
+            .await
+            .expect("reading pg_stat_activity");
+            (waiting > 0).then_some(())
+        }
+    })
+    .await;
+    tx.commit().await.expect("committing the change");
+    call.await.expect("the call's task")
+}
+
+#[tokio::test]
+async fn a_current_lease_holds_when_its_row_changed_while_the_call_waited_for_it() {
+    let url = test_database().await;
+    let broker = TestBroker::start(Settings::with_database(url.clone())).await;
+    let mut client = broker.client().await;
+    let pool = PgPool::connect(&url).await.expect("connecting to the test database");
+    let mut a = TestWorker::connect(client.clone(), "worker-a", &[QUEUE], 1).await;
+    let id = enqueue(&mut client, vec![short_lease(b"job", Duration::from_secs(30))]).await.remove(0);
+    let assignment = a.assignment(Duration::from_secs(5)).await;
+
+    let lease_id = assignment.lease_id.clone();
+    let mut beating = a.client.clone();
+    let status = change_row_under(&pool, &assignment.lease_id, async move {
+        let beat = pb::LeaseBeat { lease_id, progress: Some(pb::Progress { percent: 40, message: "beat".into() }) };
+        beating.heartbeat(pb::HeartbeatRequest { leases: vec![beat] }).await.expect("heartbeat").into_inner()
+    })
+    .await;
+    assert!(status.leases[0].active, "the current lease was reported inactive: {status:?}");
+    let job = get_job(&mut client, &id).await;
+    assert_eq!(job.progress.map(|p| (p.percent, p.message)), Some((40, "beat".to_string())), "the beat was written");
+
+    let lease_id = assignment.lease_id.clone();
+    let mut completing = a.client.clone();
+    let state = change_row_under(&pool, &assignment.lease_id, async move {
+        let outcome = success(b"done");
+        completing.complete(pb::CompleteRequest { lease_id, outcome: Some(outcome) }).await
+    })
+    .await;
+    let state = state.expect("the current lease's Complete is accepted").into_inner().state();
+    assert_eq!(state, pb::JobState::Succeeded);
+    let job = get_job(&mut client, &id).await;
+    assert_eq!((job.state(), job.result.as_slice()), (pb::JobState::Succeeded, &b"done"[..]));
     broker.stop().await;
 }

@@ -4,9 +4,10 @@
 //! flag, holder, last error, result, progress. Terminal jobs never change, a stale lease's Complete is ABORTED and
 //! changes nothing, and every observed transition is one the table allows.
 //!
-//! Each lease is taken on a Lease stream of its own (capacity 1) that is dropped once the assignment arrives, with a
-//! reconnect grace far longer than a case: so the broker pushes jobs only when the test asks for one, and the model
-//! stays exact between steps. Leases live on after their stream (SPEC: a lease stays current until reassigned).
+//! Each lease is taken on a Lease stream of its own (capacity 1) that is dropped once the assignment arrives (the
+//! test waits until the broker has closed it), with a reconnect grace far longer than a case: so the broker pushes
+//! jobs only when the test asks for one, and the model stays exact between steps. Leases live on after their
+//! stream (SPEC: a lease stays current until reassigned).
 
 mod common;
 
@@ -233,10 +234,13 @@ impl Case {
         if !self.jobs.iter().any(|job| job.state == Queued) {
             // Nothing may be handed out: no job is QUEUED, whatever else exists.
             stream.expect_nothing(Duration::from_millis(50)).await;
+            drop(stream);
+            self.stream_closed().await;
             return;
         }
         let assignment = stream.assignment(LEASE_WAIT).await;
         drop(stream);
+        self.stream_closed().await;
         let leased = assignment.job.expect("an assignment carries its job");
         let job = self.jobs.iter().position(|job| job.id == leased.id);
         let job = job.unwrap_or_else(|| panic!("leased job {} is not one of ours", leased.id));
@@ -255,6 +259,24 @@ impl Case {
         model.worker_id = name.into();
         model.progress = None;
         self.leases.push(ModelLease { id: assignment.lease_id, job });
+    }
+
+    /// Waits until the broker has closed the stream the test just dropped. Until then the broker may still offer
+    /// it a job (the stream is open as far as it knows), and a job it cannot deliver is released: a lease the
+    /// model would never see.
+    async fn stream_closed(&mut self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let open: i64 = sqlx::query_scalar("SELECT count(*) FROM worker_sessions")
+                .fetch_one(&mut self.db)
+                .await
+                .expect("counting open streams");
+            if open == 0 {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the broker did not close a dropped Lease stream");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     async fn heartbeat(&mut self, lease: usize, percent: u32) {

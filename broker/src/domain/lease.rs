@@ -107,19 +107,10 @@ impl BatchHandler for CompleteHandler {
             let Some(settle) = retry::settle(facts.get(lease_id), outcome.clone()) else { continue };
             items.push(SettleLease { lease_id: *lease_id, settle, only_if_expired: false });
         }
-        let mut settled: HashMap<Uuid, JobState> = HashMap::new();
-        // A second pass catches a lease whose cancel was requested while the first statement ran.
-        for _ in 0..2 {
-            let pending: Vec<SettleLease> =
-                items.iter().filter(|i| !settled.contains_key(&i.lease_id)).cloned().collect();
-            if pending.is_empty() {
-                break;
-            }
-            match leases.settle(&pending, false).await {
-                Ok(done) => settled.extend(done.into_iter().map(|s| (s.lease_id, s.state))),
-                Err(error) => return vec![Err(error); batch.len()],
-            }
-        }
+        let settled: HashMap<Uuid, JobState> = match leases.settle(&items, false).await {
+            Ok(done) => done.into_iter().map(|s| (s.lease_id, s.state)).collect(),
+            Err(error) => return vec![Err(error); batch.len()],
+        };
         let mut answered = std::collections::HashSet::new();
         batch
             .iter()

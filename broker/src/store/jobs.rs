@@ -114,7 +114,10 @@ impl Store {
 
     /// Hot: leases due jobs of `queues` (paused ones skipped) to the given free slots in one statement, best job to
     /// the first slot. It looks at one due job more than there are slots, to tell whether more are waiting. The
-    /// picked rows are updated at the row address (`ctid`) their lock returned: no second index lookup per job.
+    /// picked rows are updated at the row address (`ctid`) their lock returned: no second index lookup per job. A
+    /// row changed after the statement's snapshot is locked at an address the update cannot see (see
+    /// [`at_address_then_by_key`]); that job stays QUEUED, counts as seen but not claimed, and so calls for the next
+    /// claim at once.
     pub async fn claim(&self, queues: &[String], slots: &[Slot]) -> Result<Claimed> {
         let rows = sqlx::query(concat!(
             "WITH slots AS ( \
@@ -177,31 +180,48 @@ impl Store {
     /// Hot: extends every lease of a heartbeat batch and records progress. Leases not current are absent.
     pub async fn heartbeat(&self, beats: &[Beat]) -> Result<Vec<BeatAnswer>> {
         let beats = in_lock_order(beats, |beat| beat.lease_id);
+        at_address_then_by_key(
+            beats,
+            |beat| beat.lease_id,
+            |answer: &BeatAnswer| answer.lease_id,
+            |found, beats| self.heartbeat_statement(found, beats),
+        )
+        .await
+    }
+
+    async fn heartbeat_statement(&self, found: Found, beats: Vec<&Beat>) -> Result<Vec<BeatAnswer>> {
         let lease_ids: Vec<Uuid> = beats.iter().map(|b| b.lease_id).collect();
         let percents: Vec<Option<i32>> = beats.iter().map(|b| b.progress.as_ref().map(|p| p.percent as i32)).collect();
         let messages: Vec<Option<&str>> =
             beats.iter().map(|b| b.progress.as_ref().map(|p| p.message.as_str())).collect();
+        // Each lease is looked up and locked by itself, then updated where `found` says, as in `settle`.
+        macro_rules! heartbeat {
+            ($found:literal) => {
+                concat!(
+                    "WITH held AS MATERIALIZED ( \
+                       SELECT b.percent, b.message, l.row_tid, l.job_id \
+                       FROM unnest($1::uuid[], $2::int[], $3::text[]) AS b(beat_lease, percent, message) \
+                       CROSS JOIN LATERAL ( \
+                         SELECT ctid AS row_tid, id AS job_id FROM jobs \
+                         WHERE lease_id = b.beat_lease AND state = 'leased' FOR UPDATE) l) \
+                     UPDATE jobs j SET \
+                       lease_expires_at = LEAST(clock_timestamp() + lease_ttl_ms * interval '1 millisecond', \
+                         attempt_deadline), \
+                       progress_percent = COALESCE(h.percent, progress_percent), \
+                       progress_message = COALESCE(h.message, progress_message) \
+                     FROM held h WHERE ",
+                    $found,
+                    " RETURNING lease_id, id, lease_expires_at, cancel_requested, \
+                       lease_expires_at > clock_timestamp() AS active"
+                )
+            };
+        }
+        let statement = match found {
+            Found::AtAddress => heartbeat!("j.ctid = h.row_tid"),
+            Found::ByKey => heartbeat!("j.id = h.job_id"),
+        };
         let rows = retry_deadlocks(|| {
-            sqlx::query(
-            // Each lease is looked up and locked by itself, then updated at the row address the lock returned, as in
-            // `settle`.
-            "WITH held AS MATERIALIZED ( \
-               SELECT b.percent, b.message, l.row_tid \
-               FROM unnest($1::uuid[], $2::int[], $3::text[]) AS b(beat_lease, percent, message) \
-               CROSS JOIN LATERAL ( \
-                 SELECT ctid AS row_tid FROM jobs WHERE lease_id = b.beat_lease AND state = 'leased' FOR UPDATE) l) \
-             UPDATE jobs SET \
-               lease_expires_at = LEAST(clock_timestamp() + lease_ttl_ms * interval '1 millisecond', attempt_deadline), \
-               progress_percent = COALESCE(h.percent, progress_percent), \
-               progress_message = COALESCE(h.message, progress_message) \
-             FROM held h WHERE ctid = h.row_tid \
-             RETURNING lease_id, id, lease_expires_at, cancel_requested, \
-               lease_expires_at > clock_timestamp() AS active",
-            )
-            .bind(&lease_ids)
-            .bind(&percents)
-            .bind(&messages)
-            .fetch_all(&self.pool)
+            sqlx::query(statement).bind(&lease_ids).bind(&percents).bind(&messages).fetch_all(&self.pool)
         })
         .await?;
         rows.iter()
@@ -250,11 +270,20 @@ impl Store {
     /// absent from the answer. Its cost stays proportional to the batch whatever the planner's statistics say:
     /// each lease is looked up and locked by itself (`held`: a lateral probe of the `lease_id` index per input
     /// row, which no join strategy can turn into a scan of every leased row), the rows are then ended or re-queued
-    /// at the row address (`ctid`) the lock returned (a TID scan: no second index lookup; a locked row cannot
-    /// move before the statement ends), and the answer is read from `ended` itself (Postgres runs the insert into `finished_jobs`
-    /// to completion although nothing reads it) rather than joined with it.
+    /// where `found` says (see [`at_address_then_by_key`]), and the answer is read from `ended` itself (Postgres
+    /// runs the insert into `finished_jobs` to completion although nothing reads it) rather than joined with it.
     pub async fn settle(&self, items: &[SettleLease]) -> Result<Vec<Settled>> {
         let items = in_lock_order(items, |item| item.lease_id);
+        at_address_then_by_key(
+            items,
+            |item| item.lease_id,
+            |settled: &Settled| settled.lease_id,
+            |found, items| self.settle_statement(found, items),
+        )
+        .await
+    }
+
+    async fn settle_statement(&self, found: Found, items: Vec<&SettleLease>) -> Result<Vec<Settled>> {
         let mut actions = Vec::with_capacity(items.len());
         let mut delays = Vec::with_capacity(items.len());
         let mut results: Vec<Option<&[u8]>> = Vec::with_capacity(items.len());
@@ -273,50 +302,60 @@ impl Store {
         }
         let lease_ids: Vec<Uuid> = items.iter().map(|i| i.lease_id).collect();
         let only_if_expired: Vec<bool> = items.iter().map(|i| i.only_if_expired).collect();
+        macro_rules! settle {
+            ($found:literal) => {
+                concat!(
+                    "WITH input AS ( \
+                   SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::bytea[], $5::text[], $6::bool[]) \
+                   AS i(in_lease, action, delay_ms, new_result, error, only_if_expired)), \
+                 held AS MATERIALIZED ( \
+                   SELECT i.*, l.row_tid, l.job_id, l.ends FROM input i CROSS JOIN LATERAL ( \
+                     SELECT ctid AS row_tid, id AS job_id, \
+                       (i.action IN ('succeed', 'fail') OR cancel_requested) AS ends FROM jobs \
+                     WHERE lease_id = i.in_lease AND state = 'leased' \
+                       AND (NOT i.only_if_expired OR lease_expires_at <= clock_timestamp()) \
+                     FOR UPDATE) l), \
+                 ended AS ( \
+                   DELETE FROM jobs j USING held h WHERE h.ends AND ", $found, " \
+                   RETURNING j.*, h.action, h.new_result, h.error, \
+                     CASE WHEN j.cancel_requested THEN 'cancelled' WHEN h.action = 'succeed' THEN 'succeeded' \
+                          ELSE 'failed' END AS end_state, \
+                     extract(epoch FROM clock_timestamp() - j.leased_at)::float8 AS held_s), \
+                 finished AS ( \
+                   INSERT INTO finished_jobs (",
+                    carried_columns!(),
+                    ", last_error, state, finished_at, result) SELECT ",
+                    carried_columns!(),
+                    ", COALESCE(error, last_error), end_state, clock_timestamp(), \
+                     CASE WHEN end_state = 'succeeded' THEN new_result END \
+                   FROM ended), \
+                 requeued AS ( \
+                   UPDATE jobs j SET state = 'queued', \
+                     run_at = clock_timestamp() + h.delay_ms * interval '1 millisecond', \
+                     attempt = CASE WHEN h.action = 'release' THEN j.attempt - 1 ELSE j.attempt END, \
+                     last_error = COALESCE(h.error, j.last_error), lease_id = NULL, session_id = NULL, \
+                     lease_expires_at = NULL, attempt_deadline = NULL \
+                   FROM held h WHERE NOT h.ends AND ", $found, " \
+                   RETURNING h.in_lease AS lease_id, j.id, j.state, j.queue, \
+                     extract(epoch FROM clock_timestamp() - j.leased_at)::float8 AS held_s) \
+                 SELECT lease_id, id, end_state AS state, queue, held_s FROM ended \
+                 UNION ALL SELECT lease_id, id, state, queue, held_s FROM requeued"
+                )
+            };
+        }
+        let statement = match found {
+            Found::AtAddress => settle!("j.ctid = h.row_tid"),
+            Found::ByKey => settle!("j.id = h.job_id"),
+        };
         let rows = retry_deadlocks(|| {
-            sqlx::query(concat!(
-                "WITH input AS ( \
-               SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::bytea[], $5::text[], $6::bool[]) \
-               AS i(in_lease, action, delay_ms, new_result, error, only_if_expired)), \
-             held AS MATERIALIZED ( \
-               SELECT i.*, l.row_tid, l.ends FROM input i CROSS JOIN LATERAL ( \
-                 SELECT ctid AS row_tid, (i.action IN ('succeed', 'fail') OR cancel_requested) AS ends FROM jobs \
-                 WHERE lease_id = i.in_lease AND state = 'leased' \
-                   AND (NOT i.only_if_expired OR lease_expires_at <= clock_timestamp()) \
-                 FOR UPDATE) l), \
-             ended AS ( \
-               DELETE FROM jobs j USING held h WHERE j.ctid = h.row_tid AND h.ends \
-               RETURNING j.*, h.action, h.new_result, h.error, \
-                 CASE WHEN j.cancel_requested THEN 'cancelled' WHEN h.action = 'succeed' THEN 'succeeded' \
-                      ELSE 'failed' END AS end_state, \
-                 extract(epoch FROM clock_timestamp() - j.leased_at)::float8 AS held_s), \
-             finished AS ( \
-               INSERT INTO finished_jobs (",
-                carried_columns!(),
-                ", last_error, state, finished_at, result) SELECT ",
-                carried_columns!(),
-                ", COALESCE(error, last_error), end_state, clock_timestamp(), \
-                 CASE WHEN end_state = 'succeeded' THEN new_result END \
-               FROM ended), \
-             requeued AS ( \
-               UPDATE jobs j SET state = 'queued', \
-                 run_at = clock_timestamp() + h.delay_ms * interval '1 millisecond', \
-                 attempt = CASE WHEN h.action = 'release' THEN j.attempt - 1 ELSE j.attempt END, \
-                 last_error = COALESCE(h.error, j.last_error), lease_id = NULL, session_id = NULL, \
-                 lease_expires_at = NULL, attempt_deadline = NULL \
-               FROM held h WHERE j.ctid = h.row_tid AND NOT h.ends \
-               RETURNING h.in_lease AS lease_id, j.id, j.state, j.queue, \
-                 extract(epoch FROM clock_timestamp() - j.leased_at)::float8 AS held_s) \
-             SELECT lease_id, id, end_state AS state, queue, held_s FROM ended \
-             UNION ALL SELECT lease_id, id, state, queue, held_s FROM requeued"
-            ))
-            .bind(&lease_ids)
-            .bind(&actions)
-            .bind(&delays)
-            .bind(&results)
-            .bind(&errors)
-            .bind(&only_if_expired)
-            .fetch_all(&self.pool)
+            sqlx::query(statement)
+                .bind(&lease_ids)
+                .bind(&actions)
+                .bind(&delays)
+                .bind(&results)
+                .bind(&errors)
+                .bind(&only_if_expired)
+                .fetch_all(&self.pool)
         })
         .await?;
         rows.iter()
@@ -469,6 +508,42 @@ fn in_lock_order<T>(batch: &[T], lease_id: impl Fn(&T) -> Uuid) -> Vec<&T> {
     let mut sorted: Vec<&T> = batch.iter().collect();
     sorted.sort_by_key(|item| lease_id(item));
     sorted
+}
+
+/// Where a fenced batch statement writes the rows its `FOR UPDATE` locked.
+#[derive(Debug, Clone, Copy)]
+enum Found {
+    /// At the address (`ctid`) the lock returned: a TID scan, no second index lookup per row.
+    AtAddress,
+    /// By primary key: an index lookup, after which Postgres re-checks the newest version of a changed row.
+    ByKey,
+}
+
+/// Runs a fenced batch statement with its writes [`Found::AtAddress`], then once more [`Found::ByKey`] for the items
+/// the first run left out. A statement reads one snapshot; a row changed by a transaction that committed after it
+/// was taken (a heartbeat, a cancel request, a closing stream shortening its leases) is locked in its newest
+/// version, whose address that snapshot cannot see, so the first run skips it although its lease held. Items left
+/// out twice are not current. The second run costs a statement only when something was left out.
+async fn at_address_then_by_key<'a, T, A, F, Fut>(
+    items: Vec<&'a T>,
+    item_lease: impl Fn(&T) -> Uuid,
+    answer_lease: impl Fn(&A) -> Uuid,
+    run: F,
+) -> Result<Vec<A>>
+where
+    F: Fn(Found, Vec<&'a T>) -> Fut,
+    Fut: Future<Output = Result<Vec<A>>>,
+{
+    if items.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut answers = run(Found::AtAddress, items.clone()).await?;
+    if answers.len() < items.len() {
+        let answered: HashSet<Uuid> = answers.iter().map(&answer_lease).collect();
+        let missed: Vec<&T> = items.into_iter().filter(|item| !answered.contains(&item_lease(item))).collect();
+        answers.extend(run(Found::ByKey, missed).await?);
+    }
+    Ok(answers)
 }
 
 /// Inserts the jobs and sends one NOTIFY (none for `None`), in one statement. A job with a `lease_to` slot is

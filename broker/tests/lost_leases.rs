@@ -1,14 +1,15 @@
-//! Detecting lost leases (SPEC: detecting lost leases): a closed stream gives its leases the reconnect grace, a
-//! worker that reconnects within it keeps them, a half-closed stream is not a closed one, a silent worker loses its
-//! lease after `lease_ttl` (and a worker that never acknowledges the loss gets its slot back a heartbeat interval
-//! later), and an attempt past `execution_timeout` is lost even while heartbeating.
+//! Detecting lost leases (SPEC: detecting lost leases): a closed stream gives its leases the reconnect grace (but
+//! assignments that never left the broker go to another worker at once), a worker that reconnects within it keeps
+//! them, a half-closed stream is not a closed one, a silent worker loses its lease after `lease_ttl` (and a worker
+//! that never acknowledges the loss gets its slot back a heartbeat interval later), and an attempt past
+//! `execution_timeout` is lost even while heartbeating.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
 use broker::config::Settings;
-use common::{TestBroker, test_database, worker::*};
+use common::{TestBroker, test_database, wait_for, worker::*};
 use jobbroker::v1 as pb;
 
 const QUEUE: &str = "lossy";
@@ -58,6 +59,55 @@ async fn a_vanished_workers_job_goes_to_another_worker_after_the_reconnect_grace
     assert_eq!(job.last_error, "lease expired");
     assert_ne!(second.lease_id, first.lease_id);
     assert_eq!(b.succeed(&second.lease_id, b"done").await.expect("B completes"), pb::JobState::Succeeded);
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn assignments_a_vanished_worker_never_received_go_to_another_worker_at_once() {
+    let mut settings = settings(test_database().await);
+    settings.reconnect_grace = Duration::from_secs(60);
+    let broker = TestBroker::start(settings).await;
+    let mut client = broker.client().await;
+
+    // 48 assignments of 256 KiB: far more than HTTP/2 flow control lets through to a worker that does not read, so
+    // most of them still wait in the broker when the worker vanishes.
+    const JOBS: usize = 48;
+    let mut a = TestWorker::connect(client.clone(), "worker-a", &[QUEUE], JOBS as u32).await;
+    let big = |_| pb::JobSpec { payload: vec![7; 256 * 1024], ..spec(Duration::from_secs(60)) };
+    let ids = enqueue(&mut client, (0..JOBS).map(big).collect()).await;
+    wait_for("every job leased to worker A", Duration::from_secs(10), || {
+        let (mut client, ids) = (client.clone(), ids.clone());
+        async move {
+            for id in &ids {
+                if get_job(&mut client, id).await.state() != pb::JobState::Leased {
+                    return None;
+                }
+            }
+            Some(())
+        }
+    })
+    .await;
+    let first = a.assignment(Duration::from_secs(5)).await;
+
+    drop(a);
+    let mut b = TestWorker::connect(client.clone(), "worker-b", &[QUEUE], JOBS as u32).await;
+    let mut received = Vec::new();
+    while let Some(Ok(pb::lease_response::Response::Assignment(assignment))) =
+        b.next_message(Duration::from_secs(3)).await
+    {
+        received.push(assignment.job.expect("a job"));
+    }
+    // Well within the 60 s grace: these were released, not expired, so the attempt was not used up.
+    assert!(!received.is_empty(), "no unsent assignment was released when the stream closed");
+    for job in &received {
+        assert_eq!((job.attempt, job.last_error.as_str()), (1, ""), "job {} was not released", job.id);
+    }
+    // What A's transport took (A read the first one) waits out the grace: A may have it.
+    let first_id = first.job.expect("a job").id;
+    assert!(received.iter().all(|job| job.id != first_id), "a job worker A received was handed on before the grace");
+    let still_with_a = get_job(&mut client, &first_id).await;
+    assert_eq!((still_with_a.state(), still_with_a.worker_id.as_str()), (pb::JobState::Leased, "worker-a"));
+    println!("{} of {JOBS} assignments had not gone out and were handed on at once", received.len());
     broker.stop().await;
 }
 

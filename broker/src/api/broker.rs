@@ -202,13 +202,19 @@ impl BrokerService for BrokerApi {
         tracing::info!(session = %session.id, "worker stream opened");
         let gone = CancellationToken::new();
         let (answers, answered) = mpsc::unbounded_channel();
+        // An assignment goes out only if the transport takes it before the stream closes (see `Session`).
+        let sender = session.clone();
+        let events = UnboundedReceiverStream::new(events).filter_map(move |event| match &event {
+            SessionEvent::Assigned { lease_id, .. } if !sender.take_assignment(*lease_id) => None,
+            _ => Some(lease_response(event)),
+        });
         let follow = follow_stream(self.broker.clone(), session, inbound, self.limits.clone(), answers, gone.clone());
         self.tracker.spawn(follow);
         // Answers travel small (a channel preallocates room for a block of them per stream) and become responses
         // on the way out.
         let answered = UnboundedReceiverStream::new(answered)
             .map(|answer| Ok(pb::LeaseResponse { response: Some(pb::lease_response::Response::Completed(answer)) }));
-        let stream = UnboundedReceiverStream::new(events).map(lease_response).merge(answered);
+        let stream = events.merge(answered);
         Ok(Response::new(Box::pin(Guarded { stream, _gone: gone.drop_guard() })))
     }
 

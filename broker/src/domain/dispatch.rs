@@ -87,6 +87,9 @@ struct SessionState {
     capacity: u32,
     /// Leases delivered on this stream and not known to be finished.
     outstanding: HashSet<Uuid>,
+    /// Those of `outstanding` whose assignment waits in the channel, not yet taken by the transport: the worker
+    /// cannot have seen them, so a closing stream releases them at once instead of giving them the grace.
+    unsent: HashSet<Uuid>,
     /// Slots promised to a claim in flight.
     reserved: u32,
     closed: bool,
@@ -101,6 +104,12 @@ impl Session {
     /// Ends the stream with `error` (a protocol violation by the worker).
     pub fn fail(&self, error: Error) {
         let _ = self.events.send(SessionEvent::Closed(error));
+    }
+
+    /// The transport takes the assignment of `lease_id` off the channel to send it. False if the stream closed
+    /// first and released the lease: the assignment must not go out.
+    pub fn take_assignment(&self, lease_id: Uuid) -> bool {
+        self.state.lock().expect("session lock").unsent.remove(&lease_id)
     }
 }
 
@@ -210,6 +219,7 @@ impl Dispatcher {
             state: Mutex::new(SessionState {
                 capacity: registration.capacity,
                 outstanding: HashSet::new(),
+                unsent: HashSet::new(),
                 reserved: 0,
                 closed: false,
             }),
@@ -257,16 +267,18 @@ impl Dispatcher {
         }
     }
 
-    /// Ends a session. `abrupt` (the worker went away, not a shutdown) gives its leases the reconnect grace.
+    /// Ends a session. Assignments the transport never took are released at once (the worker never saw them).
+    /// `abrupt` (the worker went away, not a shutdown) gives the other leases the reconnect grace.
     pub async fn close(&self, session: &Arc<Session>, abrupt: bool) {
-        let outstanding: Vec<Uuid> = {
+        let (outstanding, unsent): (Vec<Uuid>, Vec<Uuid>) = {
             let mut state = session.state.lock().expect("session lock");
             state.closed = true;
-            state.outstanding.drain().collect()
+            let unsent = std::mem::take(&mut state.unsent);
+            state.outstanding.drain().partition(|lease_id| !unsent.contains(lease_id))
         };
         {
             let mut leases = self.leases.lock().expect("leases lock");
-            for lease_id in &outstanding {
+            for lease_id in outstanding.iter().chain(&unsent) {
                 if leases.get(lease_id).is_some_and(|holder| Arc::ptr_eq(&holder.session, session)) {
                     leases.remove(lease_id);
                 }
@@ -285,6 +297,11 @@ impl Dispatcher {
         self.metrics.worker_disconnected();
         if let Err(error) = self.store.delete_session(session.id).await {
             tracing::debug!(%error, session = %session.id, "could not remove the stream from the sessions table");
+        }
+        if !unsent.is_empty() {
+            tracing::info!(session = %session.id, released = unsent.len(), "stream closed before these assignments went out; released");
+            self.release(unsent).await;
+            self.wake(Some(&session.group.queues.iter().map(String::as_str).collect::<Vec<_>>()));
         }
         // At shutdown the broker closed the stream itself: leases keep their full deadline.
         if !abrupt || outstanding.is_empty() || self.closing.load(Ordering::SeqCst) {
@@ -312,7 +329,11 @@ impl Dispatcher {
     pub fn lease_ended(&self, lease_id: Uuid) {
         let holder = self.leases.lock().expect("leases lock").remove(&lease_id);
         if let Some(holder) = holder {
-            holder.session.state.lock().expect("session lock").outstanding.remove(&lease_id);
+            let mut state = holder.session.state.lock().expect("session lock");
+            state.outstanding.remove(&lease_id);
+            // Not sent yet: it is no use to the worker any more.
+            state.unsent.remove(&lease_id);
+            drop(state);
             holder.session.group.wake.notify_one();
         }
     }
@@ -528,22 +549,39 @@ impl Dispatcher {
                 let fits = !state.closed && (state.outstanding.len() as u32) < state.capacity;
                 let event =
                     SessionEvent::Assigned { lease_id, lease_expires_at, heartbeat_interval, job: Box::new(job) };
-                fits && session.events.send(event).is_ok() && state.outstanding.insert(lease_id)
+                let sent = fits && session.events.send(event).is_ok();
+                if sent {
+                    state.outstanding.insert(lease_id);
+                    state.unsent.insert(lease_id);
+                }
+                sent
             };
             if delivered {
                 self.metrics.job_leased(&queue, waited);
             } else {
                 self.leases.lock().expect("leases lock").remove(&lease_id);
-                undelivered.push(SettleLease { lease_id, settle: Settle::Release, only_if_expired: false });
+                undelivered.push(lease_id);
             }
         }
         if undelivered.is_empty() {
             return false;
         }
-        if let Err(error) = self.store.settle(&undelivered).await {
-            tracing::warn!(%error, count = undelivered.len(), "could not release undelivered leases; they expire at their deadline");
-        }
+        self.release(undelivered).await;
         true
+    }
+
+    /// Re-queues leases whose assignment never reached their worker (no attempt used).
+    async fn release(&self, lease_ids: Vec<Uuid>) {
+        let items: Vec<SettleLease> = lease_ids
+            .into_iter()
+            .map(|lease_id| SettleLease { lease_id, settle: Settle::Release, only_if_expired: false })
+            .collect();
+        match self.store.settle(&items).await {
+            Ok(settled) => settled.iter().for_each(|done| self.watchers.changed(done.job_id)),
+            Err(error) => {
+                tracing::warn!(%error, count = items.len(), "could not release undelivered leases; they expire at their deadline")
+            }
+        }
     }
 }
 

@@ -17,7 +17,7 @@ mod fanout;
 mod latency;
 mod peer;
 mod rawsql;
-mod relelease;
+mod relet;
 mod report;
 mod steady;
 mod usage;
@@ -78,7 +78,7 @@ enum Scenario {
     Drain,
     Pickup,
     Steady,
-    Relelease,
+    Relet,
     Fanout,
     Backlog,
 }
@@ -222,7 +222,7 @@ async fn measure(args: Args) -> anyhow::Result<()> {
 /// One scenario against a fresh database and broker.
 async fn run(scenario: Scenario, server_url: &str, sizes: &Sizes) -> anyhow::Result<Vec<Figure>> {
     let flags = match scenario {
-        Scenario::Relelease => {
+        Scenario::Relet => {
             vec!["--reconnect-grace".into(), humantime::format_duration(sizes.reconnect_grace).to_string()]
         }
         _ => Vec::new(),
@@ -236,7 +236,7 @@ async fn run(scenario: Scenario, server_url: &str, sizes: &Sizes) -> anyhow::Res
         Scenario::Steady => {
             steady::run(&env, sizes.steady_rate, sizes.steady_warmup, sizes.steady_for, sizes.workers()).await
         }
-        Scenario::Relelease => relelease::run(&env, sizes.reconnect_grace, sizes.hang_ttl).await,
+        Scenario::Relet => relet::run(&env, sizes.reconnect_grace, sizes.hang_ttl).await,
         Scenario::Fanout => fanout::run(&env, sizes.streams, sizes.idle_for, sizes.latency_samples).await,
         Scenario::Backlog => backlog::run(&env, sizes.backlog, sizes.jobs, sizes.workers()).await,
     };

@@ -19,9 +19,9 @@ pub async fn run(env: &Env, grace: Duration, ttl: Duration) -> anyhow::Result<Ve
     let hung = after_hang(env, ttl).await?;
     let name = format!("re-lease after a killed worker (grace {})", humantime::format_duration(grace));
     Ok(vec![
-        Figure::millis("relelease.killed", name, killed).bar(Bar::AtMost((grace.as_secs_f64() + 1.0) * 1000.0)),
+        Figure::millis("relet.killed", name, killed).bar(Bar::AtMost((grace.as_secs_f64() + 1.0) * 1000.0)),
         Figure::millis(
-            "relelease.hung",
+            "relet.hung",
             format!("re-lease after a hung worker (lease TTL {})", humantime::format_duration(ttl)),
             hung,
         ),

@@ -115,9 +115,10 @@ impl Store {
     /// Hot: leases due jobs of `queues` (paused ones skipped) to the given free slots in one statement, best job to
     /// the first slot. It looks at one due job more than there are slots, to tell whether more are waiting. The
     /// picked rows are updated at the row address (`ctid`) their lock returned: no second index lookup per job. A
-    /// row changed after the statement's snapshot is locked at an address the update cannot see (see
-    /// [`at_address_then_by_key`]); that job stays QUEUED, counts as seen but not claimed, and so calls for the next
-    /// claim at once.
+    /// row changed after the statement's snapshot and still due (leased and released again by another replica in
+    /// that instant) is locked at an address the update cannot see (see [`at_address_then_by_key`]). That job stays
+    /// QUEUED and counts as seen but not claimed, which calls for the next claim at once; unless the claim leased
+    /// nothing at all, which cannot tell: then the job waits for the next wake or poll.
     pub async fn claim(&self, queues: &[String], slots: &[Slot]) -> Result<Claimed> {
         let rows = sqlx::query(concat!(
             "WITH slots AS ( \

@@ -1,5 +1,6 @@
 //! Two broker replicas sharing one database: no job is leased to two holders, every job succeeds exactly once, and
-//! an enqueue on one replica reaches a worker waiting on the other at once (LISTEN/NOTIFY, not polling).
+//! an enqueue on one replica, or a job released there, reaches a worker waiting on the other at once
+//! (LISTEN/NOTIFY, not polling).
 
 mod common;
 
@@ -181,6 +182,34 @@ async fn an_enqueue_on_one_replica_wakes_a_worker_waiting_on_the_other_at_once()
         }
     }
     drop((on_a, on_b));
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_job_released_on_one_replica_reaches_a_worker_waiting_on_the_other_at_once() {
+    let mut settings = Settings::with_database(test_database().await);
+    settings.poll_interval = Duration::from_secs(30);
+    let (a, b) = (TestBroker::start(settings.clone()).await, TestBroker::start(settings).await);
+    let mut client_a = a.client().await;
+    let mut holder = TestWorker::connect(client_a.clone(), "holds-on-a", &["released"], 1).await;
+    let id = enqueue(&mut client_a, vec![pb::JobSpec::new("released", "work", b"".to_vec())]).await.remove(0);
+    let lease = holder.assignment(Duration::from_secs(5)).await.lease_id;
+    let mut waiting = TestWorker::connect(b.client().await, "waits-on-b", &["released"], 1).await;
+    // B's first claim, right after it registers, finds the job leased; after that only a wake can bring it.
+    waiting.expect_nothing(Duration::from_millis(300)).await;
+
+    // The holder takes no more jobs (processed before the release, on the same stream), then gives this one back.
+    holder.set_capacity(0).await;
+    let released = Instant::now();
+    holder.complete_on_stream(&lease, release()).await;
+    assert_eq!(holder.completed(Duration::from_secs(5)).await.state(), pb::JobState::Queued);
+    let assignment = waiting.assignment(Duration::from_secs(5)).await;
+    let latency = released.elapsed();
+    println!("released on replica A, picked up on replica B after {latency:.2?}");
+    assert_eq!(assignment.job.expect("a job").id, id);
+    assert!(latency < Duration::from_secs(1), "pickup took {latency:?} (poll interval is 30 s)");
+    drop((holder, waiting));
     a.stop().await;
     b.stop().await;
 }

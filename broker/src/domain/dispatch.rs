@@ -34,6 +34,9 @@ use crate::{
     store::{SessionRecord, Store},
 };
 
+/// NOTIFY payloads are limited to 8000 bytes; past this many, a note wakes every queue (`*`).
+const MAX_NOTIFY_PAYLOAD: usize = 7000;
+
 /// Slots a claim offers after one that left no due job behind; doubled after each one that did, up to `max_claim`.
 const FIRST_OFFER: usize = 16;
 
@@ -301,7 +304,6 @@ impl Dispatcher {
         if !unsent.is_empty() {
             tracing::info!(session = %session.id, released = unsent.len(), "stream closed before these assignments went out; released");
             self.release(unsent).await;
-            self.wake(Some(&session.group.queues.iter().map(String::as_str).collect::<Vec<_>>()));
         }
         // At shutdown the broker closed the stream itself: leases keep their full deadline.
         if !abrupt || outstanding.is_empty() || self.closing.load(Ordering::SeqCst) {
@@ -353,10 +355,27 @@ impl Dispatcher {
         }
     }
 
-    /// The NOTIFY payload announcing jobs committed in `queues` (comma-separated, or `*` for every queue), tagged
-    /// with this replica: its own groups were woken in-process, so its listener skips it.
-    pub fn enqueued_note(&self, queues: &str) -> String {
-        format!("{} {queues}", self.settings.replica)
+    /// The NOTIFY payload announcing jobs committed in `queues` (comma-separated, or `*` for every queue when the
+    /// list is too long), tagged with this replica: its own groups were woken in-process, so its listener skips it.
+    pub fn enqueued_note(&self, queues: &BTreeSet<&str>) -> String {
+        let list = queues.iter().copied().collect::<Vec<_>>().join(",");
+        let list = if list.len() > MAX_NOTIFY_PAYLOAD { "*".into() } else { list };
+        format!("{} {list}", self.settings.replica)
+    }
+
+    /// Jobs of `queues` went back to QUEUED (released, retried, reaped): wakes this replica's groups at once, and
+    /// the other replicas' with one NOTIFY, sent in the background (a lost one costs at most a poll interval).
+    pub fn requeued(&self, queues: BTreeSet<&str>) {
+        if queues.is_empty() {
+            return;
+        }
+        self.wake(Some(&queues.iter().copied().collect::<Vec<_>>()));
+        let (store, note) = (self.store.clone(), self.enqueued_note(&queues));
+        self.tracker.spawn(async move {
+            if let Err(error) = store.notify_enqueued(&note).await {
+                tracing::debug!(%error, "could not tell the other replicas of re-queued jobs; they find them at their poll");
+            }
+        });
     }
 
     /// Wakes the groups named by an enqueue notification, unless this replica sent it.
@@ -459,18 +478,9 @@ impl Dispatcher {
 
     /// Pushes the jobs an insert leased down the streams their slots were reserved on, then frees the slots.
     pub async fn hand_off(&self, handoff: Handoff, leased: Vec<Job>) {
-        let mut jobs = Vec::with_capacity(leased.len());
-        let mut queues = BTreeSet::new();
-        for job in leased {
-            if let Some(&slot) = handoff.by_job.get(&job.id) {
-                queues.insert(job.spec.queue.clone());
-                jobs.push((slot, job));
-            }
-        }
-        // A job whose stream closed meanwhile was released: any group of its queue may take it (its own may be gone).
-        if self.deliver(&handoff.slots, jobs).await {
-            self.wake(Some(&queues.iter().map(String::as_str).collect::<Vec<_>>()));
-        }
+        let jobs = leased.into_iter().filter_map(|job| Some((*handoff.by_job.get(&job.id)?, job))).collect();
+        // A job whose stream closed meanwhile is released: any group of its queue may take it (its own may be gone).
+        self.deliver(&handoff.slots, jobs).await;
     }
 
     async fn run_group(self: Arc<Self>, group: Arc<Group>) {
@@ -570,14 +580,17 @@ impl Dispatcher {
         true
     }
 
-    /// Re-queues leases whose assignment never reached their worker (no attempt used).
+    /// Re-queues leases whose assignment never reached their worker (no attempt used), and says so.
     async fn release(&self, lease_ids: Vec<Uuid>) {
         let items: Vec<SettleLease> = lease_ids
             .into_iter()
             .map(|lease_id| SettleLease { lease_id, settle: Settle::Release, only_if_expired: false })
             .collect();
         match self.store.settle(&items).await {
-            Ok(settled) => settled.iter().for_each(|done| self.watchers.changed(done.job_id)),
+            Ok(settled) => {
+                settled.iter().for_each(|done| self.watchers.changed(done.job_id));
+                self.requeued(settled.iter().map(|done| done.queue.as_str()).collect());
+            }
             Err(error) => {
                 tracing::warn!(%error, count = items.len(), "could not release undelivered leases; they expire at their deadline")
             }

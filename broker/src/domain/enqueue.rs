@@ -24,8 +24,6 @@ use crate::{
     store::{Inserted, NewKey, Store},
 };
 
-/// NOTIFY payloads are limited to 8000 bytes; past this many, a batch wakes every queue (`*`).
-const MAX_NOTIFY_PAYLOAD: usize = 7000;
 /// How often a batch is replanned when concurrent enqueues keep taking its keys first.
 const KEY_RACE_ATTEMPTS: usize = 5;
 
@@ -169,11 +167,7 @@ impl EnqueueHandler {
         let handoff = self.dispatcher.reserve_handoff(&mut jobs);
         let queued: BTreeSet<&str> =
             jobs.iter().filter(|j| j.lease_to.is_none()).map(|j| j.spec.queue.as_str()).collect();
-        let note = (!queued.is_empty()).then(|| {
-            let queues = queued.iter().copied().collect::<Vec<_>>().join(",");
-            let queues = if queues.len() > MAX_NOTIFY_PAYLOAD { "*".into() } else { queues };
-            self.dispatcher.enqueued_note(&queues)
-        });
+        let note = (!queued.is_empty()).then(|| self.dispatcher.enqueued_note(&queued));
         match self.store.insert_jobs(&jobs, &keys, note.as_deref()).await? {
             Inserted::KeyTaken => Ok(None),
             Inserted::Committed(leased) => {

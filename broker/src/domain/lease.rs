@@ -3,7 +3,10 @@
 //! [`Leases`] is shared by the Complete and Heartbeat group-commit handlers and by the reaper, so every path that
 //! ends a lease frees the stream's slot, wakes watchers and re-wakes dispatch the same way.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::Arc,
+};
 
 use uuid::Uuid;
 
@@ -38,7 +41,7 @@ impl Leases {
                 }
             }
         }
-        let mut requeued = false;
+        let mut requeued = BTreeSet::new();
         for done in &settled {
             if reaped {
                 self.dispatcher.lease_lost(done.lease_id);
@@ -46,11 +49,11 @@ impl Leases {
                 self.dispatcher.lease_ended(done.lease_id);
             }
             self.watchers.changed(done.job_id);
-            requeued |= done.state == JobState::Queued;
+            if done.state == JobState::Queued {
+                requeued.insert(done.queue.as_str());
+            }
         }
-        if requeued {
-            self.dispatcher.wake(None);
-        }
+        self.dispatcher.requeued(requeued);
         Ok(settled)
     }
 

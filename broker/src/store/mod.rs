@@ -22,7 +22,8 @@ use sqlx::{
 
 use crate::{config::Settings, error::Result};
 
-/// NOTIFY channel carrying the queues a committed enqueue batch touched (comma-separated, or `*`).
+/// NOTIFY channel carrying the queues where jobs became due: an enqueue batch's, or re-queued leases'
+/// (comma-separated, or `*`), after the replica that sent it.
 pub const ENQUEUED_CHANNEL: &str = "jobbroker_enqueued";
 /// NOTIFY channel carrying the lease id of a job whose cancel was requested while leased.
 pub const CANCEL_CHANNEL: &str = "jobbroker_cancel";
@@ -107,6 +108,12 @@ impl Store {
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen_all([ENQUEUED_CHANNEL, CANCEL_CHANNEL]).await?;
         Ok(Notifications { listener })
+    }
+
+    /// Tells the other replicas that jobs are due (`note` as [`ENQUEUED_CHANNEL`] carries it).
+    pub async fn notify_enqueued(&self, note: &str) -> Result<()> {
+        sqlx::query("SELECT pg_notify($1, $2)").bind(ENQUEUED_CHANNEL).bind(note).execute(&self.pool).await?;
+        Ok(())
     }
 
     pub async fn close(&self) {

@@ -180,7 +180,6 @@ impl Store {
 
     /// Hot: extends every lease of a heartbeat batch and records progress. Leases not current are absent.
     pub async fn heartbeat(&self, beats: &[Beat]) -> Result<Vec<BeatAnswer>> {
-        let beats = in_lock_order(beats, |beat| beat.lease_id);
         at_address_then_by_key(
             beats,
             |beat| beat.lease_id,
@@ -274,7 +273,6 @@ impl Store {
     /// where `found` says (see [`at_address_then_by_key`]), and the answer is read from `ended` itself (Postgres
     /// runs the insert into `finished_jobs` to completion although nothing reads it) rather than joined with it.
     pub async fn settle(&self, items: &[SettleLease]) -> Result<Vec<Settled>> {
-        let items = in_lock_order(items, |item| item.lease_id);
         at_address_then_by_key(
             items,
             |item| item.lease_id,
@@ -520,13 +518,14 @@ enum Found {
     ByKey,
 }
 
-/// Runs a fenced batch statement with its writes [`Found::AtAddress`], then once more [`Found::ByKey`] for the items
-/// the first run left out. A statement reads one snapshot; a row changed by a transaction that committed after it
-/// was taken (a heartbeat, a cancel request, a closing stream shortening its leases) is locked in its newest
-/// version, whose address that snapshot cannot see, so the first run skips it although its lease held. Items left
-/// out twice are not current. The second run costs a statement only when something was left out.
+/// Runs a fenced batch statement over `items` [`in_lock_order`] with its writes [`Found::AtAddress`], then once
+/// more [`Found::ByKey`] for the items the first run left out (still in lock order). A statement reads one
+/// snapshot; a row changed by a transaction that committed after it was taken (a heartbeat, a cancel request, a
+/// closing stream shortening its leases) is locked in its newest version, whose address that snapshot cannot see,
+/// so the first run skips it although its lease held. Items left out twice are not current. The second run costs a
+/// statement only when something was left out.
 async fn at_address_then_by_key<'a, T, A, F, Fut>(
-    items: Vec<&'a T>,
+    items: &'a [T],
     item_lease: impl Fn(&T) -> Uuid,
     answer_lease: impl Fn(&A) -> Uuid,
     run: F,
@@ -538,6 +537,7 @@ where
     if items.is_empty() {
         return Ok(Vec::new());
     }
+    let items = in_lock_order(items, &item_lease);
     let mut answers = run(Found::AtAddress, items.clone()).await?;
     if answers.len() < items.len() {
         let answered: HashSet<Uuid> = answers.iter().map(&answer_lease).collect();

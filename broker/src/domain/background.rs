@@ -117,6 +117,7 @@ pub async fn listener(store: Store, dispatcher: Arc<Dispatcher>, shutdown: Cance
 pub async fn reconcile(store: Store, dispatcher: Arc<Dispatcher>, period: Duration, shutdown: CancellationToken) {
     while pause(period, None, &shutdown).await {
         dispatcher.forget_lost();
+        let _reaping = dispatcher.reaping().await;
         let outstanding = dispatcher.outstanding();
         if outstanding.is_empty() {
             continue;

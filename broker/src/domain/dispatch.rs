@@ -155,6 +155,8 @@ pub struct Dispatcher {
     leases: Mutex<HashMap<Uuid, LeaseHolder>>,
     /// Woken after a closed stream's grace, so its leases are re-queued without waiting for the next reap.
     reaper: Arc<Notify>,
+    /// See [`Self::reaping`].
+    reaping: tokio::sync::Mutex<()>,
     /// Set at shutdown: no new streams, no more claims.
     closing: AtomicBool,
     tracker: TaskTracker,
@@ -179,6 +181,7 @@ impl Dispatcher {
             groups: Mutex::default(),
             leases: Mutex::default(),
             reaper,
+            reaping: tokio::sync::Mutex::new(()),
             closing: AtomicBool::new(false),
             tracker,
             shutdown,
@@ -338,6 +341,14 @@ impl Dispatcher {
             drop(state);
             holder.session.group.wake.notify_one();
         }
+    }
+
+    /// Held while this replica's reaper takes leases away and marks them lost, and while reconciliation ends the
+    /// leases it no longer finds current. Without it, reconciliation could look between the reaper's commit and its
+    /// marking, and take a lease reaped here (whose slot stays taken a while) for one completed elsewhere (whose slot
+    /// frees at once).
+    pub async fn reaping(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.reaping.lock().await
     }
 
     /// The reaper took `lease_id` away: keep its slot taken until the worker learns of it ([`Self::lease_ended`]).

@@ -64,7 +64,9 @@ impl Leases {
             .iter()
             .map(|facts| SettleLease { lease_id: facts.lease_id, settle: retry::lost(facts), only_if_expired: true })
             .collect();
+        let reaping = self.dispatcher.reaping().await;
         let settled = self.settle(&items, true).await?;
+        drop(reaping);
         let timed_out: HashMap<Uuid, bool> = expired.iter().map(|facts| (facts.lease_id, facts.timed_out)).collect();
         for done in &settled {
             let reason = match timed_out.get(&done.lease_id) {

@@ -19,6 +19,7 @@ pub mod devdb;
 pub mod domain;
 pub mod error;
 mod gate;
+mod health;
 pub mod metrics;
 pub mod model;
 mod server;

@@ -4,22 +4,18 @@
 //! limit), per-connection stream limit, message sizes, request timeout, keepalive and connection age. The
 //! optional health port is plaintext and serves health alone, from the same reporter.
 //!
-//! Shutdown order (SPEC): health NOT_SERVING, stop handing out leases and close worker streams (they reconnect
-//! elsewhere; their leases stay valid), let in-flight RPCs finish within a bounded grace, stop background work.
+//! Shutdown order (SPEC): health NOT_SERVING, end health `Watch` streams, stop handing out leases and close worker
+//! streams (they reconnect elsewhere; their leases stay valid), let in-flight RPCs finish within a bounded grace, stop background work.
 
 use std::{future::Future, io, time::Duration};
 
 use anyhow::Context as _;
 use jobbroker::coalesce::Coalesced;
 use jobbroker::v1::{admin_service_server::AdminServiceServer, broker_service_server::BrokerServiceServer};
-use tokio::{
-    net::{TcpListener, TcpStream},
-    sync::watch,
-};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_stream::{Stream, StreamExt as _};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig, server::TcpIncoming};
-use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
     api::{AdminApi, BrokerApi},
@@ -27,12 +23,10 @@ use crate::{
     connections::Connections,
     domain::Broker,
     gate::GateLayer,
-    metrics,
+    health, metrics,
     store::Store,
 };
 
-/// The services health reports on, besides the whole server ("").
-const SERVICES: [&str; 3] = ["", "jobbroker.v1.BrokerService", "jobbroker.v1.AdminService"];
 /// Longest pause between migration attempts while the database is not reachable.
 const MIGRATE_RETRY: Duration = Duration::from_secs(2);
 
@@ -85,8 +79,7 @@ pub async fn serve(
     }
     let broker = Broker::start(store.clone(), settings.clone(), tracker.clone(), background.clone());
     metrics::spawn(metrics_listener, broker.metrics(), store.clone(), &tracker, background.clone());
-    let (reporter, health) = tonic_health::server::health_reporter();
-    tracker.spawn(report_health(reporter, broker.store_health(), stop.clone()));
+    let health = health::service(broker.store_health(), stop.clone(), &tracker);
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(jobbroker::FILE_DESCRIPTOR_SET)
@@ -206,23 +199,6 @@ async fn migrate_until_done(store: &Store, stop: &CancellationToken) -> bool {
             () = tokio::time::sleep(delay) => delay = (delay * 2).min(MIGRATE_RETRY),
             () = stop.cancelled() => return false,
         }
-    }
-}
-
-/// Health follows the store's reachability; NOT_SERVING for good once shutdown begins.
-async fn report_health(reporter: HealthReporter, mut healthy: watch::Receiver<bool>, stop: CancellationToken) {
-    loop {
-        let status = if *healthy.borrow_and_update() { ServingStatus::Serving } else { ServingStatus::NotServing };
-        for service in SERVICES {
-            reporter.set_service_status(service, status).await;
-        }
-        tokio::select! {
-            changed = healthy.changed() => if changed.is_err() { break },
-            () = stop.cancelled() => break,
-        }
-    }
-    for service in SERVICES {
-        reporter.set_service_status(service, ServingStatus::NotServing).await;
     }
 }
 

@@ -138,7 +138,8 @@ async fn graceful_shutdown_turns_health_off_sends_workers_away_and_keeps_their_l
 
     let started = Instant::now();
     let stopping = tokio::spawn(first.stop());
-    for (service, mut watch) in watches {
+    // The client keeps its watches: they must not hold the shutdown open. Each says NOT_SERVING, then ends.
+    for (service, watch) in &mut watches {
         loop {
             let status = tokio::time::timeout(ARRIVES, watch.message()).await.expect("a health change in time");
             let status = status.expect("the watch stays open until NOT_SERVING").expect("a status").status();
@@ -147,6 +148,10 @@ async fn graceful_shutdown_turns_health_off_sends_workers_away_and_keeps_their_l
             }
         }
         println!("`{service}` NOT_SERVING {:?} after the shutdown began", started.elapsed());
+        match tokio::time::timeout(ARRIVES, watch.message()).await.expect("the watch ends in time") {
+            Err(status) => assert_eq!(status.code(), Code::Unavailable, "the watch is sent elsewhere: {status:?}"),
+            Ok(other) => panic!("expected the health watch to end UNAVAILABLE, got {other:?}"),
+        }
     }
     match worker.next_message(ARRIVES).await {
         Some(Err(status)) => assert_eq!(status.code(), Code::Unavailable, "the worker is sent elsewhere: {status:?}"),
@@ -156,6 +161,7 @@ async fn graceful_shutdown_turns_health_off_sends_workers_away_and_keeps_their_l
     let took = started.elapsed();
     println!("graceful shutdown took {took:?}");
     assert!(took < settings.shutdown_grace / 2, "shutdown took {took:?}, close to the grace");
+    drop(watches);
 
     // Another replica on the same database: the lease held at shutdown is intact and still current.
     let second = TestBroker::start(settings).await;

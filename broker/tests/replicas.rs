@@ -1,6 +1,6 @@
 //! Two broker replicas sharing one database: no job is leased to two holders, every job succeeds exactly once, and
 //! an enqueue on one replica, or a job released there, reaches a worker waiting on the other at once
-//! (LISTEN/NOTIFY, not polling).
+//! (LISTEN/NOTIFY, not polling), as does the slot of a lease completed through the other replica.
 
 mod common;
 
@@ -156,13 +156,17 @@ async fn five_thousand_jobs_over_two_replicas_each_succeed_exactly_once() {
     }
 }
 
+/// Two replicas on a fresh database that poll every 30 s: a pickup within a second cannot come from their poll or
+/// their lease reconciliation, only from a cross-replica notification.
+async fn two_replicas_polling_slowly() -> (TestBroker, TestBroker) {
+    let mut settings = Settings::with_database(test_database().await);
+    settings.poll_interval = Duration::from_secs(30);
+    (TestBroker::start(settings.clone()).await, TestBroker::start(settings).await)
+}
+
 #[tokio::test]
 async fn an_enqueue_on_one_replica_wakes_a_worker_waiting_on_the_other_at_once() {
-    let database = test_database().await;
-    // A poll this slow cannot explain a pickup within a second: only the cross-replica notification can.
-    let mut settings = Settings::with_database(database);
-    settings.poll_interval = Duration::from_secs(30);
-    let (a, b) = (TestBroker::start(settings.clone()).await, TestBroker::start(settings).await);
+    let (a, b) = two_replicas_polling_slowly().await;
     let (mut client_a, mut client_b) = (a.client().await, b.client().await);
     let mut on_a = TestWorker::connect(client_a.clone(), "waits-on-a", &["to-a"], 10).await;
     let mut on_b = TestWorker::connect(client_b.clone(), "waits-on-b", &["to-b"], 10).await;
@@ -188,9 +192,7 @@ async fn an_enqueue_on_one_replica_wakes_a_worker_waiting_on_the_other_at_once()
 
 #[tokio::test]
 async fn a_job_released_on_one_replica_reaches_a_worker_waiting_on_the_other_at_once() {
-    let mut settings = Settings::with_database(test_database().await);
-    settings.poll_interval = Duration::from_secs(30);
-    let (a, b) = (TestBroker::start(settings.clone()).await, TestBroker::start(settings).await);
+    let (a, b) = two_replicas_polling_slowly().await;
     let mut client_a = a.client().await;
     let mut holder = TestWorker::connect(client_a.clone(), "holds-on-a", &["released"], 1).await;
     let id = enqueue(&mut client_a, vec![pb::JobSpec::new("released", "work", b"".to_vec())]).await.remove(0);
@@ -210,6 +212,32 @@ async fn a_job_released_on_one_replica_reaches_a_worker_waiting_on_the_other_at_
     assert_eq!(assignment.job.expect("a job").id, id);
     assert!(latency < Duration::from_secs(1), "pickup took {latency:?} (poll interval is 30 s)");
     drop((holder, waiting));
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_lease_completed_through_the_other_replica_frees_its_streams_slot_at_once() {
+    let (a, b) = two_replicas_polling_slowly().await;
+    let mut client_a = a.client().await;
+    let mut holder = TestWorker::connect(client_a.clone(), "one-slot-on-a", &["elsewhere"], 1).await;
+    let jobs = (0..2).map(|_| pb::JobSpec::new("elsewhere", "work", b"".to_vec())).collect();
+    let ids = enqueue(&mut client_a, jobs).await;
+    let first = holder.assignment(Duration::from_secs(5)).await;
+    assert_eq!(first.job.as_ref().expect("a job").id, ids[0]);
+    holder.expect_nothing(Duration::from_millis(300)).await;
+
+    // Completed through replica B (a client whose unary calls reach another replica than its stream).
+    let completed = Instant::now();
+    let request = pb::CompleteRequest { lease_id: first.lease_id.clone(), outcome: Some(success(b"done")) };
+    let state = b.client().await.complete(request).await.expect("complete through B").into_inner().state();
+    assert_eq!(state, pb::JobState::Succeeded);
+    let second = holder.assignment(Duration::from_secs(5)).await;
+    let latency = completed.elapsed();
+    println!("completed through replica B, next job on replica A's freed slot after {latency:.2?}");
+    assert_eq!(second.job.expect("a job").id, ids[1]);
+    assert!(latency < Duration::from_secs(1), "the slot freed after {latency:?} (poll interval is 30 s)");
+    drop(holder);
     a.stop().await;
     b.stop().await;
 }

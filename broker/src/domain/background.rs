@@ -16,7 +16,7 @@ use super::{
 };
 use crate::{
     config::Settings,
-    store::{CANCEL_CHANNEL, ENQUEUED_CHANNEL, Store},
+    store::{CANCEL_CHANNEL, ENQUEUED_CHANNEL, SETTLED_CHANNEL, Store},
 };
 
 /// Most leases one reaper statement handles; it loops while it finds this many.
@@ -76,7 +76,8 @@ pub async fn retention(store: Store, settings: Settings, shutdown: CancellationT
     }
 }
 
-/// Routes NOTIFYs from every replica: enqueues wake dispatch, cancels reach the holder's stream.
+/// Routes NOTIFYs from every replica: enqueues wake dispatch, cancels reach the holder's stream, completions made
+/// elsewhere free the holder's slots.
 pub async fn listener(store: Store, dispatcher: Arc<Dispatcher>, shutdown: CancellationToken) {
     loop {
         let mut notifications = match store.listen().await {
@@ -98,6 +99,7 @@ pub async fn listener(store: Store, dispatcher: Arc<Dispatcher>, shutdown: Cance
             };
             match note {
                 Ok(note) if note.channel == ENQUEUED_CHANNEL => dispatcher.enqueued_elsewhere(&note.payload),
+                Ok(note) if note.channel == SETTLED_CHANNEL => dispatcher.settled_notified(&note.payload),
                 Ok(note) if note.channel == CANCEL_CHANNEL => match note.payload.parse() {
                     Ok(lease_id) => dispatcher.cancel_requested(lease_id),
                     Err(_) => tracing::warn!(payload = %note.payload, "malformed cancel notification"),

@@ -31,7 +31,7 @@ use crate::{
     error::{Error, Result},
     metrics::Metrics,
     model::{Job, NewJob, Settle, SettleLease, Slot},
-    store::{SessionRecord, Store},
+    store::{ENQUEUED_CHANNEL, SETTLED_CHANNEL, SessionRecord, Store},
 };
 
 /// NOTIFY payloads are limited to 8000 bytes; past this many, a note wakes every queue (`*`).
@@ -331,16 +331,44 @@ impl Dispatcher {
     }
 
     /// A lease ended (completed, re-queued, lost): free its slot and wake its group.
-    pub fn lease_ended(&self, lease_id: Uuid) {
+    /// True if a stream of this replica held it.
+    pub fn lease_ended(&self, lease_id: Uuid) -> bool {
         let holder = self.leases.lock().expect("leases lock").remove(&lease_id);
-        if let Some(holder) = holder {
-            let mut state = holder.session.state.lock().expect("session lock");
-            state.outstanding.remove(&lease_id);
-            // Not sent yet: it is no use to the worker any more.
-            state.unsent.remove(&lease_id);
-            drop(state);
-            holder.session.group.wake.notify_one();
+        let Some(holder) = holder else { return false };
+        let mut state = holder.session.state.lock().expect("session lock");
+        state.outstanding.remove(&lease_id);
+        // Not sent yet: it is no use to the worker any more.
+        state.unsent.remove(&lease_id);
+        drop(state);
+        holder.session.group.wake.notify_one();
+        true
+    }
+
+    /// `leases` were completed here but no stream of this replica held them: tells the other replicas, so the
+    /// holder's frees their slots at once rather than at its next reconciliation (which a lost note falls back on).
+    pub fn settled_elsewhere(&self, leases: &[Uuid]) {
+        let notes = lease_notes(leases);
+        self.notify(SETTLED_CHANNEL, notes, "completed leases; their holders free the slots at reconciliation");
+    }
+
+    /// Frees the slots of leases another replica completed (a [`SETTLED_CHANNEL`] note).
+    pub fn settled_notified(&self, payload: &str) {
+        for lease_id in payload.split(',').filter_map(|id| id.parse().ok()) {
+            self.lease_ended(lease_id);
         }
+    }
+
+    /// Sends `notes` on `channel` in the background; `fallback` says what happens when they are lost.
+    fn notify(&self, channel: &'static str, notes: Vec<String>, fallback: &'static str) {
+        if notes.is_empty() {
+            return;
+        }
+        let store = self.store.clone();
+        self.tracker.spawn(async move {
+            if let Err(error) = store.notify(channel, &notes).await {
+                tracing::debug!(%error, channel, "could not notify the other replicas of {fallback}");
+            }
+        });
     }
 
     /// Held while this replica's reaper takes leases away and marks them lost, and while reconciliation ends the
@@ -381,12 +409,8 @@ impl Dispatcher {
             return;
         }
         self.wake(Some(&queues.iter().copied().collect::<Vec<_>>()));
-        let (store, note) = (self.store.clone(), self.enqueued_note(&queues));
-        self.tracker.spawn(async move {
-            if let Err(error) = store.notify_enqueued(&note).await {
-                tracing::debug!(%error, "could not tell the other replicas of re-queued jobs; they find them at their poll");
-            }
-        });
+        let note = self.enqueued_note(&queues);
+        self.notify(ENQUEUED_CHANNEL, vec![note], "re-queued jobs; they find them at their poll");
     }
 
     /// Wakes the groups named by an enqueue notification, unless this replica sent it.
@@ -673,4 +697,35 @@ fn reserve(group: &Group, max: usize) -> Reserved {
         session.state.lock().expect("session lock").reserved += 1;
     }
     Reserved(slots)
+}
+
+/// `leases` as [`SETTLED_CHANNEL`] payloads: comma-separated, each within the NOTIFY payload limit.
+fn lease_notes(leases: &[Uuid]) -> Vec<String> {
+    let mut notes: Vec<String> = Vec::new();
+    for lease_id in leases {
+        match notes.last_mut() {
+            Some(note) if note.len() < MAX_NOTIFY_PAYLOAD => {
+                note.push(',');
+                note.push_str(&lease_id.to_string());
+            }
+            _ => notes.push(lease_id.to_string()),
+        }
+    }
+    notes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_notes_carry_every_lease_once_within_the_notify_payload_limit() {
+        let leases: Vec<Uuid> = (0..1000).map(|_| Uuid::now_v7()).collect();
+        let notes = lease_notes(&leases);
+        assert!(notes.len() > 1, "1000 lease ids do not fit one payload");
+        assert!(notes.iter().all(|note| note.len() < 8000), "Postgres refuses payloads of 8000 bytes or more");
+        let carried: Vec<Uuid> = notes.iter().flat_map(|note| note.split(',')).map(|id| id.parse().unwrap()).collect();
+        assert_eq!(carried, leases);
+        assert!(lease_notes(&[]).is_empty(), "nothing to say, no note");
+    }
 }

@@ -42,11 +42,12 @@ impl Leases {
             }
         }
         let mut requeued = BTreeSet::new();
+        let mut elsewhere = Vec::new();
         for done in &settled {
             if reaped {
                 self.dispatcher.lease_lost(done.lease_id);
-            } else {
-                self.dispatcher.lease_ended(done.lease_id);
+            } else if !self.dispatcher.lease_ended(done.lease_id) {
+                elsewhere.push(done.lease_id);
             }
             self.watchers.changed(done.job_id);
             if done.state == JobState::Queued {
@@ -54,6 +55,7 @@ impl Leases {
             }
         }
         self.dispatcher.requeued(requeued);
+        self.dispatcher.settled_elsewhere(&elsewhere);
         Ok(settled)
     }
 
@@ -157,7 +159,9 @@ impl BatchHandler for HeartbeatHandler {
             match by_lease.get(&beat.lease_id) {
                 Some(answer) if beat.progress.is_some() => leases.watchers.changed(answer.job_id),
                 Some(_) => {}
-                None => leases.dispatcher.lease_ended(beat.lease_id),
+                None => {
+                    leases.dispatcher.lease_ended(beat.lease_id);
+                }
             }
         }
         batch.iter().map(|beats| Ok(beats.iter().map(|b| by_lease.get(&b.lease_id).copied()).collect())).collect()

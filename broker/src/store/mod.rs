@@ -27,6 +27,9 @@ use crate::{config::Settings, error::Result};
 pub const ENQUEUED_CHANNEL: &str = "jobbroker_enqueued";
 /// NOTIFY channel carrying the lease id of a job whose cancel was requested while leased.
 pub const CANCEL_CHANNEL: &str = "jobbroker_cancel";
+/// NOTIFY channel carrying the ids of leases completed through a replica whose streams do not hold them
+/// (comma-separated): the holder's replica frees their slots.
+pub const SETTLED_CHANNEL: &str = "jobbroker_settled";
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -103,16 +106,20 @@ impl Store {
         }
     }
 
-    /// Subscribes to the enqueue and cancel channels on a dedicated connection.
+    /// Subscribes to the enqueue, cancel and settled channels on a dedicated connection.
     pub async fn listen(&self) -> Result<Notifications> {
         let mut listener = PgListener::connect_with(&self.pool).await?;
-        listener.listen_all([ENQUEUED_CHANNEL, CANCEL_CHANNEL]).await?;
+        listener.listen_all([ENQUEUED_CHANNEL, CANCEL_CHANNEL, SETTLED_CHANNEL]).await?;
         Ok(Notifications { listener })
     }
 
-    /// Tells the other replicas that jobs are due (`note` as [`ENQUEUED_CHANNEL`] carries it).
-    pub async fn notify_enqueued(&self, note: &str) -> Result<()> {
-        sqlx::query("SELECT pg_notify($1, $2)").bind(ENQUEUED_CHANNEL).bind(note).execute(&self.pool).await?;
+    /// Sends every one of `notes` on `channel`, in one statement.
+    pub async fn notify(&self, channel: &str, notes: &[String]) -> Result<()> {
+        sqlx::query("SELECT pg_notify($1, note) FROM unnest($2::text[]) note")
+            .bind(channel)
+            .bind(notes)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 

@@ -118,6 +118,10 @@ pub struct ServeArgs {
     /// Safety-net poll for work when no notification arrives (scheduled jobs, missed NOTIFYs).
     #[arg(long, env = "JOBBROKER_POLL_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub poll_interval: Duration,
+    /// How soon a change made through another replica reaches `WatchJob` streams on this one: every period, one
+    /// statement reads every job watched here (none while nothing is watched).
+    #[arg(long, env = "JOBBROKER_WATCH_POLL_INTERVAL", default_value = "250ms", value_parser = humantime::parse_duration)]
+    pub watch_poll_interval: Duration,
     /// How long terminal jobs are kept before deletion.
     #[arg(long, env = "JOBBROKER_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
     pub retention: Duration,
@@ -283,6 +287,7 @@ pub struct Settings {
     pub reconnect_grace: Duration,
     pub reaper_interval: Duration,
     pub poll_interval: Duration,
+    pub watch_poll_interval: Duration,
     pub retention: Duration,
     pub retention_interval: Duration,
     pub retention_batch: u32,
@@ -378,6 +383,7 @@ impl ServeArgs {
             ("--reconnect-grace", self.reconnect_grace),
             ("--reaper-interval", self.reaper_interval),
             ("--poll-interval", self.poll_interval),
+            ("--watch-poll-interval", self.watch_poll_interval),
             ("--retention", self.retention),
             ("--retention-interval", self.retention_interval),
             ("--initial-backoff", self.initial_backoff),
@@ -443,6 +449,7 @@ impl ServeArgs {
             reconnect_grace: self.reconnect_grace,
             reaper_interval: self.reaper_interval,
             poll_interval: self.poll_interval,
+            watch_poll_interval: self.watch_poll_interval,
             retention: self.retention,
             retention_interval: self.retention_interval,
             retention_batch: self.retention_batch,

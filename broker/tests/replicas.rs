@@ -1,6 +1,7 @@
 //! Two broker replicas sharing one database: no job is leased to two holders, every job succeeds exactly once, and
 //! an enqueue on one replica, or a job released there, reaches a worker waiting on the other at once
-//! (LISTEN/NOTIFY, not polling), as does the slot of a lease completed through the other replica.
+//! (LISTEN/NOTIFY, not polling), as does the slot of a lease completed through the other replica; a watcher on one
+//! replica sees every change made through the other within its watch poll.
 
 mod common;
 
@@ -238,6 +239,46 @@ async fn a_lease_completed_through_the_other_replica_frees_its_streams_slot_at_o
     assert_eq!(second.job.expect("a job").id, ids[1]);
     assert!(latency < Duration::from_secs(1), "the slot freed after {latency:?} (poll interval is 30 s)");
     drop(holder);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_watcher_on_one_replica_sees_each_change_made_through_the_other_within_its_watch_poll() {
+    let (a, b) = two_replicas_polling_slowly().await;
+    let mut client_a = a.client().await;
+    let id = enqueue(&mut client_a, vec![pb::JobSpec::new("watched", "work", b"".to_vec())]).await.remove(0);
+    let mut watch = b.client().await.watch_job(pb::WatchJobRequest { id }).await.expect("watch").into_inner();
+    let mut next_state = async || {
+        let message = tokio::time::timeout(Duration::from_secs(5), watch.message()).await.expect("a change in time");
+        message.expect("the watch is open").expect("a change").job.expect("a job")
+    };
+    assert_eq!(next_state().await.state(), pb::JobState::Queued);
+
+    // Every change is made through A; B's own writes would wake its watchers without any poll.
+    let mut worker = TestWorker::connect(client_a.clone(), "works-on-a", &["watched"], 1).await;
+    let leased_at = Instant::now();
+    let lease = worker.assignment(Duration::from_secs(5)).await.lease_id;
+    let leased = next_state().await;
+    let seen_leased = leased_at.elapsed();
+    assert_eq!((leased.state(), leased.worker_id.as_str()), (pb::JobState::Leased, "works-on-a"));
+    let progress = pb::Progress { percent: 60, message: "most of it".into() };
+    let beat_at = Instant::now();
+    assert!(worker.heartbeat(&lease, Some(progress.clone())).await.active);
+    assert_eq!(next_state().await.progress, Some(progress));
+    let seen_progress = beat_at.elapsed();
+    let completed_at = Instant::now();
+    assert_eq!(worker.succeed(&lease, b"ok").await.expect("complete"), pb::JobState::Succeeded);
+    let done = next_state().await;
+    let seen_done = completed_at.elapsed();
+    assert_eq!((done.state(), done.result.as_slice()), (pb::JobState::Succeeded, b"ok".as_slice()));
+    println!(
+        "replica B's watcher saw A's lease after {seen_leased:.2?}, progress {seen_progress:.2?}, success {seen_done:.2?}"
+    );
+    for seen in [seen_leased, seen_progress, seen_done] {
+        assert!(seen < Duration::from_secs(2), "a change reached the watcher after {seen:?} (poll interval 30 s)");
+    }
+    drop(worker);
     a.stop().await;
     b.stop().await;
 }

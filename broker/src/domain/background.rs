@@ -1,18 +1,20 @@
 //! Background work of every replica: reaper, retention, cross-replica notifications, lease reconciliation, the
-//! database health probe, the sessions table and the queue bounds cache. Each runs as a named task under the
+//! watch poll, the database health probe, the sessions table and the queue bounds cache. Each runs as a named task under the
 //! broker's tracker until the shutdown token fires.
 //!
 //! All of it is safe to run on every replica at once: each write is fenced or idempotent.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use super::{
     admin::{QueueBounds, SESSION_REFRESH, SESSION_STALE},
     dispatch::Dispatcher,
     lease::Leases,
+    watch::Watchers,
 };
 use crate::{
     config::Settings,
@@ -132,6 +134,34 @@ pub async fn reconcile(store: Store, dispatcher: Arc<Dispatcher>, period: Durati
             }
             Err(error) => tracing::debug!(%error, "lease reconciliation failed"),
         }
+    }
+}
+
+/// Every `period`, reads what watchers are shown of every job watched here (one statement) and wakes the watchers
+/// of each job that changed since the last read, was not read before, or is gone: changes made through other
+/// replicas (this replica's own writes wake watchers at once).
+pub async fn watches(store: Store, watchers: Arc<Watchers>, period: Duration, shutdown: CancellationToken) {
+    let mut seen: HashMap<Uuid, i64> = HashMap::new();
+    while pause(period, None, &shutdown).await {
+        let watched = watchers.watched();
+        if watched.is_empty() {
+            seen.clear();
+            continue;
+        }
+        let marks: HashMap<Uuid, i64> = match store.watch_marks(&watched).await {
+            Ok(marks) => marks.into_iter().collect(),
+            Err(error) => {
+                tracing::debug!(%error, "watch poll failed; trying again");
+                continue;
+            }
+        };
+        for job_id in &watched {
+            let mark = marks.get(job_id);
+            if mark.is_none() || mark != seen.get(job_id) {
+                watchers.changed(*job_id);
+            }
+        }
+        seen = marks;
     }
 }
 

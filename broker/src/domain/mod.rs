@@ -43,7 +43,6 @@ const CANCEL_ATTEMPTS: usize = 5;
 /// One replica's broker: everything behind the gRPC services.
 pub struct Broker {
     store: Store,
-    settings: Settings,
     enqueue: Batcher<EnqueueHandler>,
     complete: Batcher<CompleteHandler>,
     heartbeat: Batcher<HeartbeatHandler>,
@@ -122,12 +121,13 @@ impl Broker {
             settings.poll_interval,
             shutdown.clone(),
         ));
+        let watch_poll = settings.watch_poll_interval;
+        tracker.spawn(background::watches(store.clone(), watchers.clone(), watch_poll, shutdown.clone()));
         tracker.spawn(background::health(store.clone(), HEALTH_PERIOD, healthy_tx, shutdown.clone()));
         tracker.spawn(background::sessions(store.clone(), replica, shutdown.clone()));
         tracker.spawn(background::bounds(store.clone(), bounds.clone(), settings.poll_interval, shutdown.clone()));
         Arc::new(Broker {
             store,
-            settings,
             enqueue,
             complete,
             heartbeat,
@@ -223,7 +223,6 @@ impl Broker {
         while !last.state.is_terminal() {
             tokio::select! {
                 () = watch.notify.notified() => {}
-                () = tokio::time::sleep(self.settings.poll_interval) => {}
                 () = send.closed() => return,
                 () = self.closing.cancelled() => {
                     let _ = send.send(Err(Error::Unavailable("the broker is shutting down; watch again".into()))).await;

@@ -1,7 +1,8 @@
 //! Who is watching which job on this replica, so a write can wake its watchers at once.
 //!
-//! A watcher re-reads the job when woken (writes on this replica) or on a slow poll (writes on other replicas).
-//! Writers call [`Watchers::changed`] for every job they touch; it costs one map lookup when nobody watches.
+//! A watcher re-reads the job when woken: by a write on this replica (writers call [`Watchers::changed`] for every
+//! job they touch; it costs one map lookup when nobody watches), or by the replica's watch poll, which reads what
+//! watchers are shown of every watched job in one statement and wakes those whose jobs changed elsewhere.
 
 use std::{
     collections::HashMap,
@@ -29,6 +30,11 @@ impl Watchers {
         let entry = watched.entry(job_id).or_insert_with(|| (Arc::new(Notify::new()), 0));
         entry.1 += 1;
         Watch { watchers: self.clone(), job_id, notify: entry.0.clone() }
+    }
+
+    /// Every job watched on this replica.
+    pub fn watched(&self) -> Vec<Uuid> {
+        self.watched.lock().expect("watchers lock").keys().copied().collect()
     }
 
     pub fn changed(&self, job_id: Uuid) {

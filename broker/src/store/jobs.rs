@@ -432,6 +432,22 @@ impl Store {
         row.as_ref().map(rows::job).transpose().map_err(Into::into)
     }
 
+    /// For each of `ids` still stored, a hash of what a watcher is shown of it: state, attempt, progress, cancel
+    /// request, last error, worker and `run_at` (a heartbeat that only moves the deadline does not change it).
+    pub async fn watch_marks(&self, ids: &[Uuid]) -> Result<Vec<(Uuid, i64)>> {
+        let marks = sqlx::query_as(
+            "SELECT id, hashtextextended(ROW(state, attempt, progress_percent, progress_message, cancel_requested, \
+               last_error, worker_id, run_at)::text, 0) FROM jobs WHERE id = ANY($1) \
+             UNION ALL \
+             SELECT id, hashtextextended(ROW(state, attempt, progress_percent, progress_message, false, \
+               last_error, worker_id, run_at)::text, 0) FROM finished_jobs WHERE id = ANY($1)",
+        )
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(marks)
+    }
+
     /// Cancels a QUEUED job at once (it moves to `finished_jobs`). False if it was not QUEUED.
     pub async fn cancel_queued(&self, id: Uuid) -> Result<bool> {
         let done = sqlx::query(concat!(

@@ -12,6 +12,9 @@ use crate::auth::{Role, Tokens};
 
 /// The longest duration a job may ask for (lease TTL, execution timeout, backoff): 30 days.
 pub const MAX_JOB_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Room in a message, besides a job's large fields, for the rest of it (names, ids, key, timestamps, progress,
+/// trace context) and the message around it.
+const MESSAGE_SLACK: usize = 64 << 10;
 
 #[derive(Debug, Parser)]
 #[command(name = "broker", version, about = "jobbroker: a Postgres-backed job broker served over gRPC")]
@@ -179,6 +182,11 @@ pub struct ServeArgs {
     /// Largest page an AdminService listing returns.
     #[arg(long, env = "JOBBROKER_MAX_PAGE_SIZE", default_value_t = 1000)]
     pub max_page_size: u32,
+    /// Most bytes of jobs in one AdminService `ListJobs` page (estimated from payloads, results, errors and
+    /// metadata); a page stops early rather than exceed it. The default fits the 4 MiB that gRPC clients accept by
+    /// default.
+    #[arg(long, env = "JOBBROKER_MAX_PAGE_BYTES", default_value_t = 4_000_000)]
+    pub max_page_bytes: usize,
     /// Largest gRPC message the broker decodes or encodes, in bytes.
     #[arg(long, env = "JOBBROKER_MAX_MESSAGE_BYTES", default_value_t = 16 << 20)]
     pub max_message_bytes: usize,
@@ -371,6 +379,7 @@ pub struct Limits {
     pub max_progress_message_bytes: usize,
     pub max_error_message_bytes: usize,
     pub max_page_size: u32,
+    pub max_page_bytes: usize,
 }
 
 impl ServeArgs {
@@ -425,6 +434,7 @@ impl ServeArgs {
             ("--max-progress-message-bytes", self.max_progress_message_bytes),
             ("--max-error-message-bytes", self.max_error_message_bytes),
             ("--max-page-size", self.max_page_size as usize),
+            ("--max-page-bytes", self.max_page_bytes),
             ("--write-batch", self.write_batch),
             ("--writers", self.writers),
             ("--max-concurrent-streams", self.max_concurrent_streams as usize),
@@ -434,6 +444,19 @@ impl ServeArgs {
             if value == 0 {
                 return Err(format!("{flag} must be at least 1"));
             }
+        }
+        // A whole job (payload, result, metadata, last error and the rest) must fit one message, and so must a page.
+        let largest_job = 2 * self.max_payload_bytes
+            + self.max_metadata_entries * (self.max_metadata_key_bytes + self.max_metadata_value_bytes)
+            + self.max_error_message_bytes
+            + MESSAGE_SLACK;
+        if self.max_message_bytes < largest_job.max(self.max_page_bytes + MESSAGE_SLACK) {
+            return Err(format!(
+                "--max-message-bytes ({}) must hold the largest job ({largest_job} bytes: twice --max-payload-bytes for \
+                 payload and result, full metadata, an error message and {MESSAGE_SLACK} for the rest) and a page of \
+                 --max-page-bytes plus {MESSAGE_SLACK}",
+                self.max_message_bytes
+            ));
         }
         if self.db_pool_size < 4 {
             return Err("--db-pool-size must be at least 4 (listener, reaper and writers each hold one)".into());
@@ -474,6 +497,7 @@ impl ServeArgs {
                 max_progress_message_bytes: self.max_progress_message_bytes,
                 max_error_message_bytes: self.max_error_message_bytes,
                 max_page_size: self.max_page_size,
+                max_page_bytes: self.max_page_bytes,
             },
             write_batch: self.write_batch,
             writers: self.writers,
@@ -579,6 +603,18 @@ mod tests {
         assert!(e.starts_with("cannot read --tls-cert /nonexistent/c.pem:"), "{e}");
         let e = validate(&["--tokens-file", "/nonexistent/tokens"]).unwrap_err();
         assert!(e.starts_with("cannot read --tokens-file /nonexistent/tokens:"), "{e}");
+    }
+
+    #[test]
+    fn a_whole_job_and_a_page_must_fit_one_message() {
+        let defaults = validate(&[]).expect("valid");
+        assert_eq!((defaults.limits.max_message_bytes, defaults.limits.max_page_bytes), (16 << 20, 4_000_000));
+        let e = validate(&["--max-payload-bytes", "10000000"]).unwrap_err();
+        assert!(e.starts_with("--max-message-bytes (16777216) must hold the largest job (20"), "{e}");
+        validate(&["--max-payload-bytes", "10000000", "--max-message-bytes", "32000000"]).expect("valid");
+        let e = validate(&["--max-page-bytes", "16777216"]).unwrap_err();
+        assert!(e.contains("a page of --max-page-bytes"), "{e}");
+        validate(&["--max-message-bytes", "4194304", "--max-page-bytes", "3000000"]).expect("valid");
     }
 
     #[test]

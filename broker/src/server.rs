@@ -94,7 +94,7 @@ pub async fn serve(
     let service = BrokerServiceServer::new(api)
         .max_decoding_message_size(settings.limits.max_message_bytes)
         .max_encoding_message_size(settings.limits.max_message_bytes);
-    let admin = AdminServiceServer::new(AdminApi::new(broker.clone(), settings.limits.max_page_size))
+    let admin = AdminServiceServer::new(AdminApi::new(broker.clone(), &settings.limits))
         .max_decoding_message_size(settings.limits.max_message_bytes)
         .max_encoding_message_size(settings.limits.max_message_bytes);
     let closing = {

@@ -1,5 +1,6 @@
 //! AdminService against a real broker (SPEC: Admin, Retry (admin) row): queue stats, paging, admin retry one and
-//! in bulk, purge, pause and resume (across replicas), bounded queues, and the connected workers list.
+//! in bulk, purge, pause and resume (across replicas), bounded queues, and the connected workers list. Pages of
+//! large jobs stop early enough for a default client to read them.
 
 mod common;
 
@@ -159,6 +160,46 @@ async fn list_jobs_pages_newest_first_and_filters_by_state() {
     let too_big = pb::ListJobsRequest { queue: "paged".into(), page_size: 5000, ..Default::default() };
     let status = admin.list_jobs(too_big).await.unwrap_err();
     assert_eq!(field_of(&status), "page_size");
+}
+
+#[tokio::test]
+async fn a_page_of_large_jobs_stops_early_so_a_default_client_can_read_it() {
+    let settings = Settings::with_database(test_database().await);
+    let broker = TestBroker::start(settings.clone()).await;
+    let (mut client, mut admin) = (broker.client().await, admin(&broker).await);
+    const LARGE: usize = 900_000;
+    // One finished job whose result counts as much as its payload, then six queued ones.
+    let mut ids = enqueue(&mut client, vec![pb::JobSpec::new("heavy", "k", vec![0; LARGE])]).await;
+    let mut worker = TestWorker::connect(client.clone(), "heavy-lifter", &["heavy"], 1).await;
+    let lease = worker.assignment(WAIT).await.lease_id;
+    worker.set_capacity(0).await;
+    assert_eq!(worker.succeed(&lease, &vec![1; LARGE]).await.expect("complete"), pb::JobState::Succeeded);
+    for i in 1..7u8 {
+        ids.extend(enqueue(&mut client, vec![pb::JobSpec::new("heavy", "k", vec![i; LARGE])]).await);
+    }
+
+    // `admin` decodes at most 4 MiB per message, as gRPC clients do by default; the jobs weigh 7.2 MB in all.
+    let (mut seen, mut sizes, mut token) = (Vec::new(), Vec::new(), String::new());
+    loop {
+        let request =
+            pb::ListJobsRequest { queue: "heavy".into(), page_size: 100, page_token: token, ..Default::default() };
+        let page = admin.list_jobs(request).await.expect("every page fits the client").into_inner();
+        assert!(!page.jobs.is_empty(), "a page holds at least one job");
+        sizes.push(prost::Message::encoded_len(&page));
+        seen.extend(page.jobs.into_iter().map(|j| (j.state(), j.id)).map(|(state, id)| (id, state)));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    println!("pages of {sizes:?} bytes");
+    assert!(sizes.len() > 1, "7.2 MB of jobs cannot come in one page of 4 MB");
+    assert!(sizes.iter().all(|&size| size <= settings.limits.max_page_bytes), "{sizes:?}");
+    ids.reverse();
+    assert_eq!(seen.iter().map(|(id, _)| id.clone()).collect::<Vec<_>>(), ids, "every job once, newest first");
+    assert_eq!(seen.last().map(|(_, state)| *state), Some(pb::JobState::Succeeded));
+    drop(worker);
+    broker.stop().await;
 }
 
 #[tokio::test]

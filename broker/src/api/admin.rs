@@ -9,7 +9,7 @@ use jobbroker::v1::{self as pb, admin_service_server::AdminService};
 use tonic::{Request, Response, Status};
 
 use super::convert;
-use crate::{domain::Broker, error::Error, model::JobState};
+use crate::{config::Limits, domain::Broker, error::Error, model::JobState};
 
 /// Page size when a ListJobs request leaves it unset, and the largest allowed.
 /// Page size when a listing names none (or less, when `--max-page-size` is lower).
@@ -23,11 +23,13 @@ pub struct AdminApi {
     broker: Arc<Broker>,
     /// `--max-page-size`.
     max_page_size: u32,
+    /// `--max-page-bytes`.
+    max_page_bytes: usize,
 }
 
 impl AdminApi {
-    pub fn new(broker: Arc<Broker>, max_page_size: u32) -> AdminApi {
-        AdminApi { broker, max_page_size }
+    pub fn new(broker: Arc<Broker>, limits: &Limits) -> AdminApi {
+        AdminApi { broker, max_page_size: limits.max_page_size, max_page_bytes: limits.max_page_bytes }
     }
 }
 
@@ -67,7 +69,7 @@ impl AdminService for AdminApi {
             "" => None,
             token => Some(convert::uuid("page_token", token)?),
         };
-        let page = self.broker.list_jobs(&request.queue, state, after, page_size).await?;
+        let page = self.broker.list_jobs(&request.queue, state, after, page_size, self.max_page_bytes).await?;
         Ok(Response::new(pb::ListJobsResponse {
             jobs: page.jobs.into_iter().map(convert::job).collect(),
             next_page_token: page.next.map(|id| id.to_string()).unwrap_or_default(),

@@ -123,20 +123,19 @@ impl Broker {
         self.store.queue_stats(None).await
     }
 
-    /// A page of `queue`'s jobs, newest first, continuing below `after` (the previous page's last id).
+    /// A page of `queue`'s jobs, newest first, continuing below `after` (the previous page's last id): at most
+    /// `page_size` jobs and, past the first, about `max_bytes` of them.
     pub async fn list_jobs(
         &self,
         queue: &str,
         state: Option<JobState>,
         after: Option<Uuid>,
         page_size: u32,
+        max_bytes: usize,
     ) -> Result<JobPage> {
-        let mut jobs = self.store.list_jobs(queue, state, after, page_size + 1).await?;
-        let next = (jobs.len() > page_size as usize).then(|| {
-            jobs.truncate(page_size as usize);
-            jobs.last().map(|job| job.id)
-        });
-        Ok(JobPage { jobs, next: next.flatten() })
+        let (jobs, more) = self.store.list_jobs(queue, state, after, page_size, max_bytes).await?;
+        let next = if more { jobs.last().map(|job| job.id) } else { None };
+        Ok(JobPage { jobs, next })
     }
 
     /// FAILED or CANCELLED → QUEUED, attempts starting over.

@@ -18,6 +18,10 @@ use crate::{
     model::{Job, JobState, QueueStats, WorkerInfo},
 };
 
+/// A job's size in a page besides its payload, result, last error and metadata: ids, names, key, timestamps,
+/// progress and trace context, at most a few KiB.
+const JOB_OVERHEAD: i32 = 4096;
+
 /// A Lease stream as recorded for operators.
 #[derive(Debug, Clone)]
 pub struct SessionRecord<'a> {
@@ -80,18 +84,27 @@ impl Store {
             .map_err(Into::into)
     }
 
-    /// Up to `limit` jobs of `queue`, newest first, with ids below `before`, optionally in one state.
+    /// A page of `queue`'s jobs, newest first, with ids below `before`, optionally in one state: at most `limit`,
+    /// and after the first only while their sizes (estimated from the large fields, plus [`JOB_OVERHEAD`]) add up to
+    /// at most `max_bytes`; jobs past the cut are neither read in full nor sent. True if more jobs follow.
     pub async fn list_jobs(
         &self,
         queue: &str,
         state: Option<JobState>,
         before: Option<Uuid>,
         limit: u32,
-    ) -> Result<Vec<Job>> {
+        max_bytes: usize,
+    ) -> Result<(Vec<Job>, bool)> {
         let filter = " WHERE queue = $1 AND ($2::text IS NULL OR state = $2) AND ($3::uuid IS NULL OR id < $3) \
                       ORDER BY id DESC LIMIT $4";
+        let size = "octet_length(payload) + coalesce(octet_length(last_error), 0) + pg_column_size(metadata)";
+        // One row more than the page (or than fits) says whether more follow.
         let sql = format!(
-            "(SELECT {} FROM jobs{filter}) UNION ALL (SELECT {} FROM finished_jobs{filter}) ORDER BY id DESC LIMIT $4",
+            "WITH page AS ((SELECT {}, {size} + {JOB_OVERHEAD} AS size FROM jobs{filter}) \
+               UNION ALL (SELECT {}, {size} + coalesce(octet_length(result), 0) + {JOB_OVERHEAD} AS size \
+                 FROM finished_jobs{filter}) ORDER BY id DESC LIMIT $4), \
+             sized AS (SELECT page.*, sum(size) OVER (ORDER BY id DESC) AS running FROM page) \
+             SELECT * FROM sized WHERE running - size < $5 ORDER BY id DESC",
             live_job!(),
             finished_job!()
         );
@@ -99,10 +112,22 @@ impl Store {
             .bind(queue)
             .bind(state.map(JobState::as_str))
             .bind(before)
-            .bind(i64::from(limit))
+            .bind(i64::from(limit) + 1)
+            .bind(i64::try_from(max_bytes).unwrap_or(i64::MAX))
             .fetch_all(&self.pool)
             .await?;
-        rows.iter().map(rows::job).collect::<Result<_, sqlx::Error>>().map_err(Into::into)
+        let mut jobs = Vec::new();
+        for row in &rows {
+            let running: i64 = row.try_get("running")?;
+            if jobs.len() == limit as usize
+                || (!jobs.is_empty() && running > i64::try_from(max_bytes).unwrap_or(i64::MAX))
+            {
+                break;
+            }
+            jobs.push(rows::job(row)?);
+        }
+        let more = rows.len() > jobs.len();
+        Ok((jobs, more))
     }
 
     /// Admin retry: moves one job (`id`) or every job of `queue` in `state` (FAILED or CANCELLED) back to QUEUED

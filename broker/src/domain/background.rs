@@ -1,6 +1,6 @@
 //! Background work of every replica: reaper, retention, cross-replica notifications, lease reconciliation, the
-//! watch poll, the database health probe, the sessions table and the queue bounds cache. Each runs as a named task under the
-//! broker's tracker until the shutdown token fires.
+//! watch poll, the database health probe, the sessions table and the queue bounds cache. Each runs as a named task
+//! under the broker's tracker until the shutdown token fires.
 //!
 //! All of it is safe to run on every replica at once: each write is fenced or idempotent.
 

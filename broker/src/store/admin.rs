@@ -95,6 +95,7 @@ impl Store {
         limit: u32,
         max_bytes: usize,
     ) -> Result<(Vec<Job>, bool)> {
+        let max_bytes = i64::try_from(max_bytes).unwrap_or(i64::MAX);
         let filter = " WHERE queue = $1 AND ($2::text IS NULL OR state = $2) AND ($3::uuid IS NULL OR id < $3) \
                       ORDER BY id DESC LIMIT $4";
         let size = "octet_length(payload) + coalesce(octet_length(last_error), 0) + pg_column_size(metadata)";
@@ -113,15 +114,13 @@ impl Store {
             .bind(state.map(JobState::as_str))
             .bind(before)
             .bind(i64::from(limit) + 1)
-            .bind(i64::try_from(max_bytes).unwrap_or(i64::MAX))
+            .bind(max_bytes)
             .fetch_all(&self.pool)
             .await?;
         let mut jobs = Vec::new();
         for row in &rows {
             let running: i64 = row.try_get("running")?;
-            if jobs.len() == limit as usize
-                || (!jobs.is_empty() && running > i64::try_from(max_bytes).unwrap_or(i64::MAX))
-            {
+            if jobs.len() == limit as usize || (!jobs.is_empty() && running > max_bytes) {
                 break;
             }
             jobs.push(rows::job(row)?);

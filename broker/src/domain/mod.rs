@@ -260,7 +260,8 @@ impl Broker {
     }
 }
 
-/// What a watcher is told about: a heartbeat that only moves the deadline is not a change.
+/// What a watcher is told about: a heartbeat that only moves the deadline is not a change. `Store::watch_marks`
+/// hashes the same fields for the watch poll: change both.
 fn observable(job: &Job) -> impl PartialEq + '_ {
     (job.state, job.attempt, &job.progress, job.cancel_requested, &job.last_error, &job.worker_id, job.run_at)
 }

@@ -434,6 +434,7 @@ impl Store {
 
     /// For each of `ids` still stored, a hash of what a watcher is shown of it: state, attempt, progress, cancel
     /// request, last error, worker and `run_at` (a heartbeat that only moves the deadline does not change it).
+    /// The same fields as `observable` in `domain/mod.rs`, which decides what a watcher is sent: change both.
     pub async fn watch_marks(&self, ids: &[Uuid]) -> Result<Vec<(Uuid, i64)>> {
         let marks = sqlx::query_as(
             "SELECT id, hashtextextended(ROW(state, attempt, progress_percent, progress_message, cancel_requested, \

@@ -76,8 +76,16 @@ async fn wait_registered(env: &Env, streams: usize) -> anyhow::Result<()> {
     let mut admin = AdminServiceClient::connect(env.address.clone()).await?;
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let request = ListWorkersRequest { queue: QUEUE.into() };
-        let listed = admin.list_workers(request).await.context("ListWorkers")?.into_inner().workers.len();
+        let (mut listed, mut page_token) = (0, String::new());
+        loop {
+            let request = ListWorkersRequest { queue: QUEUE.into(), page_size: 1000, page_token };
+            let page = admin.list_workers(request).await.context("ListWorkers")?.into_inner();
+            listed += page.workers.len();
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            page_token = page.next_page_token;
+        }
         if listed >= streams {
             return Ok(());
         }

@@ -182,9 +182,9 @@ pub struct ServeArgs {
     /// Largest page an AdminService listing returns.
     #[arg(long, env = "JOBBROKER_MAX_PAGE_SIZE", default_value_t = 1000)]
     pub max_page_size: u32,
-    /// Most bytes of jobs in one AdminService `ListJobs` page (estimated from payloads, results, errors and
-    /// metadata); a page stops early rather than exceed it. The default fits the 4 MiB that gRPC clients accept by
-    /// default.
+    /// Most bytes in one AdminService `ListJobs` page (estimated from payloads, results, errors and metadata) or
+    /// `ListWorkers` page (from labels, queues and names); a page stops early rather than exceed it. The default
+    /// fits the 4 MiB that gRPC clients accept by default.
     #[arg(long, env = "JOBBROKER_MAX_PAGE_BYTES", default_value_t = 4_000_000)]
     pub max_page_bytes: usize,
     /// Largest gRPC message the broker decodes or encodes, in bytes.

@@ -261,9 +261,18 @@ pub struct WorkerInfo {
     pub labels: BTreeMap<String, String>,
 }
 
-/// A page of jobs, newest first; `next` is the id to continue below.
+/// A page of a listing (jobs newest first, workers oldest first); `next` is the id to continue after, if more
+/// follow.
 #[derive(Debug, Clone, PartialEq)]
-pub struct JobPage {
-    pub jobs: Vec<Job>,
+pub struct Page<T> {
+    pub items: Vec<T>,
     pub next: Option<Uuid>,
+}
+
+impl<T> Page<T> {
+    /// A page of `items`; when `more` follow, the listing continues after the last one's `id`.
+    pub fn new(items: Vec<T>, more: bool, id: impl Fn(&T) -> Uuid) -> Page<T> {
+        let next = if more { items.last().map(id) } else { None };
+        Page { items, next }
+    }
 }

@@ -122,24 +122,10 @@ async fn list_jobs_pages_newest_first_and_filters_by_state() {
     }
     let failed = fail_jobs(&broker, "paged-failed", 2).await;
 
-    let mut seen = Vec::new();
-    let mut token = String::new();
-    let mut pages = 0;
-    loop {
-        let request =
-            pb::ListJobsRequest { queue: "paged".into(), page_size: 3, page_token: token, ..Default::default() };
-        let page = admin.list_jobs(request).await.expect("list jobs").into_inner();
-        assert!(page.jobs.len() <= 3);
-        seen.extend(page.jobs.into_iter().map(|j| j.id));
-        pages += 1;
-        if page.next_page_token.is_empty() {
-            break;
-        }
-        token = page.next_page_token;
-    }
+    let (pages, seen) = jobs_in_pages(&admin, "paged", 3).await;
     ids.reverse();
-    assert_eq!(seen, ids, "every job once, newest first");
-    assert_eq!(pages, 3);
+    assert_eq!(seen.into_iter().map(|(id, _)| id).collect::<Vec<_>>(), ids, "every job once, newest first");
+    assert_eq!(pages.len(), 3, "pages of 3, 3 and 1");
 
     let only_failed =
         pb::ListJobsRequest { queue: "paged-failed".into(), state: pb::JobState::Failed.into(), ..Default::default() };
@@ -166,7 +152,7 @@ async fn list_jobs_pages_newest_first_and_filters_by_state() {
 async fn a_page_of_large_jobs_stops_early_so_a_default_client_can_read_it() {
     let settings = Settings::with_database(test_database().await);
     let broker = TestBroker::start(settings.clone()).await;
-    let (mut client, mut admin) = (broker.client().await, admin(&broker).await);
+    let (mut client, admin) = (broker.client().await, admin(&broker).await);
     const LARGE: usize = 900_000;
     // One finished job whose result counts as much as its payload, then six queued ones.
     let mut ids = enqueue(&mut client, vec![pb::JobSpec::new("heavy", "k", vec![0; LARGE])]).await;
@@ -179,19 +165,7 @@ async fn a_page_of_large_jobs_stops_early_so_a_default_client_can_read_it() {
     }
 
     // `admin` decodes at most 4 MiB per message, as gRPC clients do by default; the jobs weigh 7.2 MB in all.
-    let (mut seen, mut sizes, mut token) = (Vec::new(), Vec::new(), String::new());
-    loop {
-        let request =
-            pb::ListJobsRequest { queue: "heavy".into(), page_size: 100, page_token: token, ..Default::default() };
-        let page = admin.list_jobs(request).await.expect("every page fits the client").into_inner();
-        assert!(!page.jobs.is_empty(), "a page holds at least one job");
-        sizes.push(prost::Message::encoded_len(&page));
-        seen.extend(page.jobs.into_iter().map(|j| (j.state(), j.id)).map(|(state, id)| (id, state)));
-        if page.next_page_token.is_empty() {
-            break;
-        }
-        token = page.next_page_token;
-    }
+    let (sizes, seen) = jobs_in_pages(&admin, "heavy", 100).await;
     println!("pages of {sizes:?} bytes");
     assert!(sizes.len() > 1, "7.2 MB of jobs cannot come in one page of 4 MB");
     assert!(sizes.iter().all(|&size| size <= settings.limits.max_page_bytes), "{sizes:?}");
@@ -199,6 +173,110 @@ async fn a_page_of_large_jobs_stops_early_so_a_default_client_can_read_it() {
     assert_eq!(seen.iter().map(|(id, _)| id.clone()).collect::<Vec<_>>(), ids, "every job once, newest first");
     assert_eq!(seen.last().map(|(_, state)| *state), Some(pb::JobState::Succeeded));
     drop(worker);
+    broker.stop().await;
+}
+
+/// Follows a listing to its end: `page(token)` fetches one page and answers its encoded size, its items and the
+/// next token. Answers every page's size and every item, in order.
+async fn all_pages<T, F, Fut>(mut page: F) -> (Vec<usize>, Vec<T>)
+where
+    F: FnMut(String) -> Fut,
+    Fut: Future<Output = (usize, Vec<T>, String)>,
+{
+    let (mut sizes, mut items, mut token) = (Vec::new(), Vec::new(), String::new());
+    loop {
+        let (size, more, next) = page(token.clone()).await;
+        assert!(!more.is_empty() || (token.is_empty() && next.is_empty()), "only an empty listing has an empty page");
+        sizes.push(size);
+        items.extend(more);
+        if next.is_empty() {
+            return (sizes, items);
+        }
+        token = next;
+    }
+}
+
+/// Every job of `queue` (id and state), newest first, `page_size` at most per page, and each page's size.
+async fn jobs_in_pages(
+    admin: &AdminServiceClient<Channel>,
+    queue: &str,
+    page_size: u32,
+) -> (Vec<usize>, Vec<(String, pb::JobState)>) {
+    all_pages(|page_token| {
+        let mut admin = admin.clone();
+        let request = pb::ListJobsRequest { queue: queue.into(), page_size, page_token, ..Default::default() };
+        async move {
+            let page = admin.list_jobs(request).await.expect("every page fits the client").into_inner();
+            let size = prost::Message::encoded_len(&page);
+            (
+                size,
+                page.jobs.into_iter().map(|job| (job.state(), job.id)).map(|(s, id)| (id, s)).collect(),
+                page.next_page_token,
+            )
+        }
+    })
+    .await
+}
+
+/// Every worker of queue `labelled`, oldest first, `page_size` at most per page, and each page's size.
+async fn workers_in_pages(admin: &AdminServiceClient<Channel>, page_size: u32) -> (Vec<usize>, Vec<String>) {
+    all_pages(|page_token| {
+        let mut admin = admin.clone();
+        let request = pb::ListWorkersRequest { queue: "labelled".into(), page_size, page_token };
+        async move {
+            let page = admin.list_workers(request).await.expect("every page fits the client").into_inner();
+            let size = prost::Message::encoded_len(&page);
+            (size, page.workers.into_iter().map(|w| w.worker_id).collect(), page.next_page_token)
+        }
+    })
+    .await
+}
+
+/// Metadata that Postgres stores compressed (64 entries of 4 000 repeated bytes) but a page carries in full.
+fn heavy_labels(tag: &str) -> std::collections::HashMap<String, String> {
+    (0..64).map(|i| (format!("{tag}-{i}"), "m".repeat(4000))).collect()
+}
+
+#[tokio::test]
+async fn pages_are_cut_by_the_size_they_are_sent_at_not_the_size_stored() {
+    let settings = Settings::with_database(test_database().await);
+    let broker = TestBroker::start(settings.clone()).await;
+    let (mut client, admin) = (broker.client().await, admin(&broker).await);
+    // 20 jobs of 256 KB metadata each: 5 MB on the wire, a few KB in the table.
+    let specs: Vec<_> = (0..20)
+        .map(|_| pb::JobSpec { metadata: heavy_labels("meta"), ..pb::JobSpec::new("labelled", "k", b"x".to_vec()) })
+        .collect();
+    let mut ids = enqueue(&mut client, specs).await;
+    let (sizes, seen) = jobs_in_pages(&admin, "labelled", 100).await;
+    println!("pages of {sizes:?} bytes");
+    assert!(sizes.len() > 1 && sizes.iter().all(|&size| size <= settings.limits.max_page_bytes), "{sizes:?}");
+    ids.reverse();
+    assert_eq!(seen.into_iter().map(|(id, _)| id).collect::<Vec<_>>(), ids, "every job once, newest first");
+
+    // The same for workers: 20 streams of 256 KB labels each, registered one after the other.
+    let mut streams = Vec::new();
+    for i in 0..20 {
+        let register = pb::Register {
+            worker_id: format!("labelled-{i}"),
+            queues: vec!["labelled".into()],
+            capacity: 0,
+            labels: heavy_labels("label"),
+            ..Default::default()
+        };
+        streams.push(TestWorker::register(client.clone(), register).await.expect("register"));
+        wait_for("the stream to be listed", WAIT, || async {
+            (workers_in_pages(&admin, 0).await.1.len() == i + 1).then_some(())
+        })
+        .await;
+    }
+    let expected: Vec<_> = (0..20).map(|i| format!("labelled-{i}")).collect();
+    let (sizes, listed) = workers_in_pages(&admin, 0).await;
+    println!("worker pages of {sizes:?} bytes");
+    assert!(sizes.len() > 1 && sizes.iter().all(|&size| size <= settings.limits.max_page_bytes), "{sizes:?}");
+    assert_eq!(listed, expected, "every worker once, oldest first");
+    let (sizes, listed) = workers_in_pages(&admin, 3).await;
+    assert_eq!((sizes.len(), listed), (7, expected), "pages of 3 workers at most");
+    drop(streams);
     broker.stop().await;
 }
 
@@ -337,7 +415,7 @@ async fn workers_lists_connected_streams_with_their_leases() {
     enqueue(&mut client, vec![pb::JobSpec::new("w1", "k", b"x".to_vec())]).await;
     worker.assignment(WAIT).await;
 
-    let listed = pb::ListWorkersRequest { queue: "w2".into() };
+    let listed = pb::ListWorkersRequest { queue: "w2".into(), ..Default::default() };
     let workers = admin.list_workers(listed.clone()).await.expect("list workers").into_inner().workers;
     assert_eq!(workers.len(), 1, "filtered by queue: {workers:?}");
     let info = &workers[0];

@@ -7,11 +7,11 @@ use std::sync::Arc;
 
 use jobbroker::v1::{self as pb, admin_service_server::AdminService};
 use tonic::{Request, Response, Status};
+use uuid::Uuid;
 
 use super::convert;
 use crate::{config::Limits, domain::Broker, error::Error, model::JobState};
 
-/// Page size when a ListJobs request leaves it unset, and the largest allowed.
 /// Page size when a listing names none (or less, when `--max-page-size` is lower).
 const DEFAULT_PAGE_SIZE: u32 = 50;
 const ALL_STATES: &[JobState] =
@@ -31,6 +31,25 @@ impl AdminApi {
     pub fn new(broker: Arc<Broker>, limits: &Limits) -> AdminApi {
         AdminApi { broker, max_page_size: limits.max_page_size, max_page_bytes: limits.max_page_bytes }
     }
+
+    /// A listing's page size (the default for 0) and where it continues (`None` for the first page).
+    fn paging(&self, page_size: u32, page_token: &str) -> Result<(u32, Option<Uuid>), Status> {
+        let page_size = match page_size {
+            0 => DEFAULT_PAGE_SIZE.min(self.max_page_size),
+            size if size <= self.max_page_size => size,
+            _ => return Err(Error::invalid("page_size", format!("must be at most {}", self.max_page_size)).into()),
+        };
+        let after = match page_token {
+            "" => None,
+            token => Some(convert::uuid("page_token", token)?),
+        };
+        Ok((page_size, after))
+    }
+}
+
+/// The token that continues after `next`; empty on the last page.
+fn next_page_token(next: Option<Uuid>) -> String {
+    next.map(|id| id.to_string()).unwrap_or_default()
 }
 
 #[tonic::async_trait]
@@ -60,19 +79,11 @@ impl AdminService for AdminApi {
         let request = request.into_inner();
         convert::queue("queue", &request.queue)?;
         let state = convert::state_filter("state", request.state, ALL_STATES)?;
-        let page_size = match request.page_size {
-            0 => DEFAULT_PAGE_SIZE.min(self.max_page_size),
-            size if size <= self.max_page_size => size,
-            _ => return Err(Error::invalid("page_size", format!("must be at most {}", self.max_page_size)).into()),
-        };
-        let after = match request.page_token.as_str() {
-            "" => None,
-            token => Some(convert::uuid("page_token", token)?),
-        };
+        let (page_size, after) = self.paging(request.page_size, &request.page_token)?;
         let page = self.broker.list_jobs(&request.queue, state, after, page_size, self.max_page_bytes).await?;
         Ok(Response::new(pb::ListJobsResponse {
-            jobs: page.jobs.into_iter().map(convert::job).collect(),
-            next_page_token: page.next.map(|id| id.to_string()).unwrap_or_default(),
+            jobs: page.items.into_iter().map(convert::job).collect(),
+            next_page_token: next_page_token(page.next),
         }))
     }
 
@@ -154,11 +165,17 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::ListWorkersRequest>,
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
-        let queue = request.get_ref().queue.as_str();
+        let request = request.into_inner();
+        let queue = request.queue.as_str();
         if !queue.is_empty() {
             convert::queue("queue", queue)?;
         }
-        let workers = self.broker.workers((!queue.is_empty()).then_some(queue)).await?;
-        Ok(Response::new(pb::ListWorkersResponse { workers: workers.into_iter().map(convert::worker).collect() }))
+        let (page_size, after) = self.paging(request.page_size, &request.page_token)?;
+        let queue = (!queue.is_empty()).then_some(queue);
+        let page = self.broker.workers(queue, after, page_size, self.max_page_bytes).await?;
+        Ok(Response::new(pb::ListWorkersResponse {
+            workers: page.items.into_iter().map(convert::worker).collect(),
+            next_page_token: next_page_token(page.next),
+        }))
     }
 }

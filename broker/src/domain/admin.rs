@@ -18,7 +18,7 @@ use uuid::Uuid;
 use super::Broker;
 use crate::{
     error::{Error, Result},
-    model::{Job, JobPage, JobState, QueueStats, WorkerInfo},
+    model::{Job, JobState, Page, QueueStats, WorkerInfo},
     store::Store,
 };
 
@@ -132,10 +132,9 @@ impl Broker {
         after: Option<Uuid>,
         page_size: u32,
         max_bytes: usize,
-    ) -> Result<JobPage> {
+    ) -> Result<Page<Job>> {
         let (jobs, more) = self.store.list_jobs(queue, state, after, page_size, max_bytes).await?;
-        let next = if more { jobs.last().map(|job| job.id) } else { None };
-        Ok(JobPage { jobs, next })
+        Ok(Page::new(jobs, more, |job| job.id))
     }
 
     /// FAILED or CANCELLED → QUEUED, attempts starting over.
@@ -181,8 +180,16 @@ impl Broker {
         self.queue_stats(queue).await
     }
 
-    /// Lease streams connected to any live replica.
-    pub async fn workers(&self, queue: Option<&str>) -> Result<Vec<WorkerInfo>> {
-        self.store.list_workers(queue, SESSION_STALE).await
+    /// A page of the Lease streams connected to any live replica, oldest first, continuing after `after` (the
+    /// previous page's last session): at most `page_size` streams and, past the first, about `max_bytes` of them.
+    pub async fn workers(
+        &self,
+        queue: Option<&str>,
+        after: Option<Uuid>,
+        page_size: u32,
+        max_bytes: usize,
+    ) -> Result<Page<WorkerInfo>> {
+        let (workers, more) = self.store.list_workers(queue, SESSION_STALE, after, page_size, max_bytes).await?;
+        Ok(Page::new(workers, more, |worker| worker.session_id))
     }
 }

@@ -6,7 +6,7 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use sqlx::{Row, types::Json};
+use sqlx::{Row, postgres::PgRow, types::Json};
 use uuid::Uuid;
 
 use super::{
@@ -22,6 +22,10 @@ use crate::{
 /// progress and trace context, at most a few KiB.
 const JOB_OVERHEAD: i32 = 4096;
 
+/// A worker's size in a page besides its labels, queues and names: ids, numbers, timestamp and the framing of
+/// each queue and label.
+const WORKER_OVERHEAD: i32 = 1024;
+
 /// A Lease stream as recorded for operators.
 #[derive(Debug, Clone)]
 pub struct SessionRecord<'a> {
@@ -33,7 +37,7 @@ pub struct SessionRecord<'a> {
     pub labels: &'a BTreeMap<String, String>,
 }
 
-fn count(row: &sqlx::postgres::PgRow, column: &str) -> Result<u64, sqlx::Error> {
+fn count(row: &PgRow, column: &str) -> Result<u64, sqlx::Error> {
     Ok(u64::try_from(row.try_get::<i64, _>(column)?).unwrap_or(0))
 }
 
@@ -95,38 +99,26 @@ impl Store {
         limit: u32,
         max_bytes: usize,
     ) -> Result<(Vec<Job>, bool)> {
-        let max_bytes = i64::try_from(max_bytes).unwrap_or(i64::MAX);
         let filter = " WHERE queue = $1 AND ($2::text IS NULL OR state = $2) AND ($3::uuid IS NULL OR id < $3) \
                       ORDER BY id DESC LIMIT $4";
-        let size = "octet_length(payload) + coalesce(octet_length(last_error), 0) + pg_column_size(metadata)";
-        // One row more than the page (or than fits) says whether more follow.
-        let sql = format!(
-            "WITH page AS ((SELECT {}, {size} + {JOB_OVERHEAD} AS size FROM jobs{filter}) \
-               UNION ALL (SELECT {}, {size} + coalesce(octet_length(result), 0) + {JOB_OVERHEAD} AS size \
-                 FROM finished_jobs{filter}) ORDER BY id DESC LIMIT $4), \
-             sized AS (SELECT page.*, sum(size) OVER (ORDER BY id DESC) AS running FROM page) \
-             SELECT * FROM sized WHERE running - size < $5 ORDER BY id DESC",
+        // Metadata as text: its stored size may be compressed far below what a page carries.
+        let size = "octet_length(payload) + coalesce(octet_length(last_error), 0) + octet_length(metadata::text)";
+        let page = format!(
+            "(SELECT {}, {size} + {JOB_OVERHEAD} AS size FROM jobs{filter}) \
+             UNION ALL (SELECT {}, {size} + coalesce(octet_length(result), 0) + {JOB_OVERHEAD} AS size \
+               FROM finished_jobs{filter}) ORDER BY id DESC LIMIT $4",
             live_job!(),
             finished_job!()
         );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sized_page(&page, "id DESC")))
             .bind(queue)
             .bind(state.map(JobState::as_str))
             .bind(before)
             .bind(i64::from(limit) + 1)
-            .bind(max_bytes)
+            .bind(i64::try_from(max_bytes).unwrap_or(i64::MAX))
             .fetch_all(&self.pool)
             .await?;
-        let mut jobs = Vec::new();
-        for row in &rows {
-            let running: i64 = row.try_get("running")?;
-            if jobs.len() == limit as usize || (!jobs.is_empty() && running > max_bytes) {
-                break;
-            }
-            jobs.push(rows::job(row)?);
-        }
-        let more = rows.len() > jobs.len();
-        Ok((jobs, more))
+        cut_page(&rows, limit, max_bytes, rows::job)
     }
 
     /// Admin retry: moves one job (`id`) or every job of `queue` in `state` (FAILED or CANCELLED) back to QUEUED
@@ -276,37 +268,82 @@ impl Store {
         Ok(())
     }
 
-    /// Connected Lease streams seen within `stale`, oldest first, optionally only those taking from `queue`.
-    pub async fn list_workers(&self, queue: Option<&str>, stale: Duration) -> Result<Vec<WorkerInfo>> {
-        let rows = sqlx::query(
+    /// A page of the Lease streams seen within `stale`, oldest first (by session id, which is time-ordered), with
+    /// session ids above `after`, optionally only those taking from `queue`: at most `limit`, and after the first
+    /// only while their sizes (labels, queues and names, plus [`WORKER_OVERHEAD`]) add up to at most `max_bytes`.
+    /// True if more streams follow.
+    pub async fn list_workers(
+        &self,
+        queue: Option<&str>,
+        stale: Duration,
+        after: Option<Uuid>,
+        limit: u32,
+        max_bytes: usize,
+    ) -> Result<(Vec<WorkerInfo>, bool)> {
+        // Leases held are counted over the leased rows only (`lease_id IS NOT NULL` is `jobs_lease`'s predicate).
+        let page = format!(
             "SELECT w.id, w.worker_id, w.queues, w.capacity, w.connected_at, w.replica, w.labels, \
-               COALESCE(l.held, 0) AS held \
+               COALESCE(l.held, 0) AS held, \
+               octet_length(w.worker_id) + octet_length(w.replica) + octet_length(w.queues::text) \
+                 + octet_length(w.labels::text) + {WORKER_OVERHEAD} AS size \
              FROM worker_sessions w LEFT JOIN ( \
-               SELECT session_id, count(*) AS held FROM jobs WHERE state = 'leased' GROUP BY session_id) l \
+               SELECT session_id, count(*) AS held FROM jobs \
+               WHERE state = 'leased' AND lease_id IS NOT NULL GROUP BY session_id) l \
                ON l.session_id = w.id \
              WHERE w.seen_at >= clock_timestamp() - $1 * interval '1 millisecond' \
-               AND ($2::text IS NULL OR $2 = ANY (w.queues)) \
-             ORDER BY w.connected_at, w.id",
-        )
-        .bind(millis(stale))
-        .bind(queue)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                let Json(labels): Json<BTreeMap<String, String>> = row.try_get("labels")?;
-                Ok(WorkerInfo {
-                    session_id: row.try_get("id")?,
-                    worker_id: row.try_get("worker_id")?,
-                    queues: row.try_get("queues")?,
-                    capacity: u32::try_from(row.try_get::<i32, _>("capacity")?).unwrap_or(0),
-                    leases_held: u32::try_from(count(row, "held")?).unwrap_or(u32::MAX),
-                    connected_at: row.try_get("connected_at")?,
-                    replica: row.try_get("replica")?,
-                    labels,
-                })
+               AND ($2::text IS NULL OR $2 = ANY (w.queues)) AND ($3::uuid IS NULL OR w.id > $3) \
+             ORDER BY w.id LIMIT $4"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sized_page(&page, "id")))
+            .bind(millis(stale))
+            .bind(queue)
+            .bind(after)
+            .bind(i64::from(limit) + 1)
+            .bind(i64::try_from(max_bytes).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await?;
+        cut_page(&rows, limit, max_bytes, |row| {
+            let Json(labels): Json<BTreeMap<String, String>> = row.try_get("labels")?;
+            Ok(WorkerInfo {
+                session_id: row.try_get("id")?,
+                worker_id: row.try_get("worker_id")?,
+                queues: row.try_get("queues")?,
+                capacity: u32::try_from(row.try_get::<i32, _>("capacity")?).unwrap_or(0),
+                leases_held: u32::try_from(count(row, "held")?).unwrap_or(u32::MAX),
+                connected_at: row.try_get("connected_at")?,
+                replica: row.try_get("replica")?,
+                labels,
             })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(Into::into)
+        })
     }
+}
+
+/// Wraps `page` (a query for one row more than a page, each with its `size`, in `order`) so that each row also
+/// carries the `running` total of sizes up to it, and rows that start past `$5` bytes are not returned at all.
+fn sized_page(page: &str, order: &str) -> String {
+    format!(
+        "WITH page AS ({page}), sized AS (SELECT page.*, sum(size) OVER (ORDER BY {order}) AS running FROM page) \
+         SELECT * FROM sized WHERE running - size < $5 ORDER BY {order}"
+    )
+}
+
+/// The page in rows from [`sized_page`]: at most `limit` rows and, past the first, only while the running total
+/// stays within `max_bytes`. True if rows follow the page.
+fn cut_page<T>(
+    rows: &[PgRow],
+    limit: u32,
+    max_bytes: usize,
+    parse: impl Fn(&PgRow) -> Result<T, sqlx::Error>,
+) -> Result<(Vec<T>, bool)> {
+    let max_bytes = i64::try_from(max_bytes).unwrap_or(i64::MAX);
+    let mut items = Vec::new();
+    for row in rows {
+        let running: i64 = row.try_get("running")?;
+        if items.len() == limit as usize || (!items.is_empty() && running > max_bytes) {
+            break;
+        }
+        items.push(parse(row)?);
+    }
+    let more = rows.len() > items.len();
+    Ok((items, more))
 }

@@ -72,9 +72,18 @@ pub async fn max_depth(clients: &Clients, out: Output, queue: String, max_depth:
     show_stats(out, clients.admin().set_queue_max_depth(request).await?.into_inner().stats)
 }
 
+/// Every connected worker: the broker pages the list, this follows the pages to the end.
 pub async fn workers(clients: &Clients, out: Output, queue: Option<String>) -> Result<(), Error> {
-    let request = ListWorkersRequest { queue: queue.unwrap_or_default() };
-    let workers = clients.admin().list_workers(request).await?.into_inner().workers;
+    let (mut workers, mut page_token) = (Vec::new(), String::new());
+    loop {
+        let request = ListWorkersRequest { queue: queue.clone().unwrap_or_default(), page_size: 0, page_token };
+        let page = clients.admin().list_workers(request).await?.into_inner();
+        workers.extend(page.workers);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
     let json = json!({"workers": workers.iter().map(render::worker_json).collect::<Vec<_>>()});
     out.show(json, || render::workers_table(&workers));
     Ok(())

@@ -12,11 +12,14 @@ use tokio::process::{Child, Command};
 
 use crate::{
     config::{DevArgs, ServeArgs},
-    devdb,
+    devdb, server,
 };
 
 /// Queue the local agent works and the demo job goes to.
 const DEV_QUEUE: &str = "default";
+
+/// How long the local agent's running jobs may take to finish once `dev` is told to stop.
+const AGENT_DRAIN_GRACE: Duration = Duration::from_secs(10);
 
 pub async fn run(mut serve_args: ServeArgs, args: DevArgs) -> anyhow::Result<()> {
     let data_dir = args.data_dir.clone().unwrap_or_else(|| devdb::scratch_dir("dev-postgres"));
@@ -33,10 +36,15 @@ pub async fn run(mut serve_args: ServeArgs, args: DevArgs) -> anyhow::Result<()>
     if agent.is_some() {
         tokio::spawn(demo(address, args.agent_exec.clone()));
     }
-    let served = super::serve_forever(settings).await;
-    if let Some(agent) = agent {
-        stop_agent(agent).await;
-    }
+    // On SIGTERM or Ctrl-C the agent drains first, its running jobs completing through the broker, which still
+    // serves; then the broker stops.
+    let shutdown = async move {
+        server::termination().await;
+        if let Some(agent) = agent {
+            stop_agent(agent).await;
+        }
+    };
+    let served = super::serve_until(settings, shutdown).await;
     if let Err(error) = tokio::task::spawn_blocking(move || postgres.stop()).await? {
         tracing::warn!(%error, "could not stop the dev Postgres");
     }
@@ -60,6 +68,10 @@ fn start_agent(address: SocketAddr, exec: &str) -> anyhow::Result<Option<Child>>
     let broker = format!("http://127.0.0.1:{}", address.port());
     let child = Command::new(binary)
         .args(["--broker", &broker, "--queue", DEV_QUEUE, "--capacity", "4", "--exec", exec])
+        .args(["--drain-grace", &humantime::format_duration(AGENT_DRAIN_GRACE).to_string()])
+        // Its own process group: a Ctrl-C in the terminal reaches the broker only, which then drains the agent
+        // with one SIGTERM (a second signal would make it release its jobs at once).
+        .process_group(0)
         .kill_on_drop(true)
         .spawn()
         .context("starting the local worker agent")?;
@@ -67,12 +79,13 @@ fn start_agent(address: SocketAddr, exec: &str) -> anyhow::Result<Option<Child>>
     Ok(Some(child))
 }
 
-/// SIGTERM lets the agent drain; it is killed if it outlives a few seconds.
+/// SIGTERM lets the agent drain: its running jobs get [`AGENT_DRAIN_GRACE`] to finish, then it releases the rest.
+/// It is killed if it outlives that by a few seconds.
 async fn stop_agent(mut agent: Child) {
     if let Some(pid) = agent.id() {
         let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await;
     }
-    if tokio::time::timeout(Duration::from_secs(5), agent.wait()).await.is_err() {
+    if tokio::time::timeout(AGENT_DRAIN_GRACE + Duration::from_secs(5), agent.wait()).await.is_err() {
         let _ = agent.kill().await;
     }
 }

@@ -36,7 +36,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         None | Some(Command::Serve) => {
             let settings = cli.serve.validate().map_err(anyhow::Error::msg)?;
-            serve_forever(settings).await
+            serve_until(settings, server::termination()).await
         }
         Some(Command::Migrate) => {
             let settings = cli.serve.validate().map_err(anyhow::Error::msg)?;
@@ -48,14 +48,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// Serves until SIGTERM or SIGINT.
-async fn serve_forever(settings: Settings) -> anyhow::Result<()> {
+/// Binds the listeners of `settings` and serves until `shutdown` resolves.
+async fn serve_until(settings: Settings, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     let grpc = bind(settings.listen).await?;
     let health = match settings.health_listen {
         Some(address) => Some(bind(address).await?),
         None => None,
     };
-    serve(Listeners { grpc, health }, settings, server::termination()).await
+    serve(Listeners { grpc, health }, settings, shutdown).await
 }
 
 async fn bind(address: std::net::SocketAddr) -> anyhow::Result<TcpListener> {

@@ -99,6 +99,7 @@ impl Store {
         limit: u32,
         max_bytes: usize,
     ) -> Result<(Vec<Job>, bool)> {
+        let max_bytes = i64::try_from(max_bytes).unwrap_or(i64::MAX);
         let filter = " WHERE queue = $1 AND ($2::text IS NULL OR state = $2) AND ($3::uuid IS NULL OR id < $3) \
                       ORDER BY id DESC LIMIT $4";
         // Metadata as text: its stored size may be compressed far below what a page carries.
@@ -115,7 +116,7 @@ impl Store {
             .bind(state.map(JobState::as_str))
             .bind(before)
             .bind(i64::from(limit) + 1)
-            .bind(i64::try_from(max_bytes).unwrap_or(i64::MAX))
+            .bind(max_bytes)
             .fetch_all(&self.pool)
             .await?;
         cut_page(&rows, limit, max_bytes, rows::job)
@@ -280,6 +281,7 @@ impl Store {
         limit: u32,
         max_bytes: usize,
     ) -> Result<(Vec<WorkerInfo>, bool)> {
+        let max_bytes = i64::try_from(max_bytes).unwrap_or(i64::MAX);
         // Leases held are counted over the leased rows only (`lease_id IS NOT NULL` is `jobs_lease`'s predicate).
         let page = format!(
             "SELECT w.id, w.worker_id, w.queues, w.capacity, w.connected_at, w.replica, w.labels, \
@@ -299,7 +301,7 @@ impl Store {
             .bind(queue)
             .bind(after)
             .bind(i64::from(limit) + 1)
-            .bind(i64::try_from(max_bytes).unwrap_or(i64::MAX))
+            .bind(max_bytes)
             .fetch_all(&self.pool)
             .await?;
         cut_page(&rows, limit, max_bytes, |row| {
@@ -332,10 +334,9 @@ fn sized_page(page: &str, order: &str) -> String {
 fn cut_page<T>(
     rows: &[PgRow],
     limit: u32,
-    max_bytes: usize,
+    max_bytes: i64,
     parse: impl Fn(&PgRow) -> Result<T, sqlx::Error>,
 ) -> Result<(Vec<T>, bool)> {
-    let max_bytes = i64::try_from(max_bytes).unwrap_or(i64::MAX);
     let mut items = Vec::new();
     for row in rows {
         let running: i64 = row.try_get("running")?;

@@ -1,11 +1,17 @@
 //! Clients that misbehave, against a real broker: an oversized message, a thousand streams on one connection, a
-//! worker and a watcher that never read their streams, a flood of Enqueues past the replica's request limit, and a
-//! database statement stuck on a lock. Each gets a clear error (or is simply not served), and the broker keeps
+//! worker and a watcher that never read their streams, a worker that streams completions without reading their
+//! answers, a flood of Enqueues past the replica's request limit, and a database statement stuck on a lock. Each gets a clear error (or is simply not served), and the broker keeps
 //! serving everyone else promptly, and still shuts down.
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use broker::config::Settings;
 use common::{TestBroker, test_database, wait_for, worker::*};
@@ -149,6 +155,49 @@ async fn a_worker_that_never_reads_its_stream_stalls_nobody() {
     let started = Instant::now();
     broker.stop().await;
     assert!(started.elapsed() < Duration::from_secs(8), "stop took {:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn a_worker_that_sends_completions_but_never_reads_the_answers_is_held_back() {
+    let mut settings = settings().await;
+    settings.limits.max_stream_capacity = 16;
+    let broker = TestBroker::start(settings).await;
+    let mut producer = broker.client().await;
+    let ids = enqueue(&mut producer, vec![pb::JobSpec::new("abuse", "one", b"1".to_vec())]).await;
+
+    // Completions that fail validation at once, without end, counted as the transport takes them; no answer read.
+    let sent = Arc::new(AtomicUsize::new(0));
+    let register =
+        pb::Register { worker_id: "spammer".into(), queues: vec!["idle".into()], capacity: 1, ..Default::default() };
+    let first = pb::LeaseRequest { request: Some(lease_request::Request::Register(register)) };
+    let counter = sent.clone();
+    let spam = std::iter::repeat_with(move || {
+        counter.fetch_add(1, Ordering::Relaxed);
+        let complete = pb::CompleteRequest {
+            lease_id: "not-a-lease".into(),
+            outcome: Some(pb::complete_request::Outcome::Release(pb::Release {})),
+        };
+        pb::LeaseRequest { request: Some(lease_request::Request::Complete(complete)) }
+    });
+    let mut spammer = tight_client(&broker).await;
+    let _unread = spammer.lease(tokio_stream::iter(std::iter::once(first).chain(spam))).await.expect("opens");
+
+    // The broker stops reading once its answers are not taken: the count stops growing (it would grow forever,
+    // and the broker's memory with it, if answers piled up without bound).
+    let deadline = Instant::now() + SOON;
+    let mut last = sent.load(Ordering::Relaxed);
+    let held_at = loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = sent.load(Ordering::Relaxed);
+        if now == last && now > 16 {
+            break now;
+        }
+        assert!(Instant::now() < deadline, "still reading after {now} completions: the stream is never held back");
+        last = now;
+    };
+    assert!(held_at < 200_000, "held back only after {held_at} completions");
+    served_promptly(&broker, &ids[0]).await;
+    broker.stop().await;
 }
 
 #[tokio::test]

@@ -96,13 +96,14 @@ fn complete_answer(lease_id: String, answer: Result<JobState, Error>) -> pb::Com
 
 /// Forwards the worker's messages to its session until the worker goes away, then closes the session.
 /// Completions run concurrently (they meet other streams' in the group commit), at most the stream capacity limit
-/// at once; their answers go to `answers`.
+/// at once; their answers go to `answers`, which is bounded: a worker that sends completions but never reads their
+/// answers stops being read itself (HTTP/2 flow control then holds it back) instead of growing the broker's memory.
 async fn follow_stream(
     broker: Arc<Broker>,
     session: Arc<Session>,
     mut inbound: Streaming<pb::LeaseRequest>,
     limits: Limits,
-    answers: mpsc::UnboundedSender<pb::CompleteAnswer>,
+    answers: mpsc::Sender<pb::CompleteAnswer>,
     gone: CancellationToken,
 ) {
     use pb::lease_request::Request as R;
@@ -113,8 +114,11 @@ async fn follow_stream(
         let message = tokio::select! {
             message = inbound.message(), if reading && completing.len() < most_completing => message,
             Some(answered) = completing.join_next() => {
-                if let Ok(answer) = answered {
-                    let _ = answers.send(answer);
+                // Fails only when the response stream is gone, and so is the worker.
+                if let Ok(answer) = answered
+                    && answers.send(answer).await.is_err()
+                {
+                    break;
                 }
                 continue;
             }
@@ -201,7 +205,7 @@ impl BrokerService for BrokerApi {
         let (session, events) = self.broker.open_session(registration).await?;
         tracing::info!(session = %session.id, "worker stream opened");
         let gone = CancellationToken::new();
-        let (answers, answered) = mpsc::unbounded_channel();
+        let (answers, answered) = mpsc::channel(self.limits.max_stream_capacity.max(1) as usize);
         // An assignment goes out only if the transport takes it before the stream closes (see `Session`).
         let sender = session.clone();
         let events = UnboundedReceiverStream::new(events).filter_map(move |event| match &event {
@@ -210,9 +214,9 @@ impl BrokerService for BrokerApi {
         });
         let follow = follow_stream(self.broker.clone(), session, inbound, self.limits.clone(), answers, gone.clone());
         self.tracker.spawn(follow);
-        // Answers travel small (a channel preallocates room for a block of them per stream) and become responses
-        // on the way out.
-        let answered = UnboundedReceiverStream::new(answered)
+        // Answers travel small (a channel allocates room for a block of them at a time, not its whole bound) and
+        // become responses on the way out.
+        let answered = ReceiverStream::new(answered)
             .map(|answer| Ok(pb::LeaseResponse { response: Some(pb::lease_response::Response::Completed(answer)) }));
         let stream = events.merge(answered);
         Ok(Response::new(Box::pin(Guarded { stream, _gone: gone.drop_guard() })))

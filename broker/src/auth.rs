@@ -103,8 +103,10 @@ impl Tokens {
     }
 
     /// Adds the tokens of a tokens file: lines `<role> <token>`, `#` comments and blank lines ignored. Errors
-    /// name the file and the line.
+    /// name the file and the line. A file with no token is an error: it was meant to turn authentication on, and
+    /// an empty one (a secret mounted before it was filled) must not leave the broker open.
     pub fn add_file(&mut self, text: &str, path: &Path) -> Result<(), String> {
+        let before = self.known.len();
         for (index, line) in text.lines().enumerate() {
             let at = format!("--tokens-file {}, line {}", path.display(), index + 1);
             let line = line.trim();
@@ -117,6 +119,12 @@ impl Tokens {
             };
             let role = role.parse::<Role>().map_err(|problem| format!("{at}: {problem}"))?;
             self.add(role, token, &at)?;
+        }
+        if self.known.len() == before {
+            return Err(format!(
+                "--tokens-file {} holds no token; leave the flag out to run without authentication",
+                path.display()
+            ));
         }
         Ok(())
     }
@@ -198,6 +206,14 @@ mod tests {
 
     fn code(tokens: &Tokens, path: &str, authorization: Option<&str>) -> Option<tonic::Code> {
         tokens.authorize(path, &headers(authorization)).err().map(|status| status.code())
+    }
+
+    #[test]
+    fn a_tokens_file_without_tokens_is_refused() {
+        for file in ["", "\n\n", "# admin a-token\n   \n"] {
+            let problem = Tokens::default().add_file(file, Path::new("tokens")).expect_err("no token");
+            assert!(problem.contains("--tokens-file tokens holds no token"), "{problem}");
+        }
     }
 
     #[test]

@@ -44,6 +44,16 @@ async fn settings_with_tokens() -> (Settings, tempfile::NamedTempFile) {
     (settings, file)
 }
 
+#[test]
+fn a_tokens_file_with_no_token_stops_the_start_instead_of_turning_auth_off() {
+    let mut file = tempfile::NamedTempFile::new().expect("a tokens file");
+    write!(file, "# filled in later by the deployment\n\n").expect("written");
+    let path = file.path().to_str().expect("a UTF-8 path").to_owned();
+    let args = ["broker", "--database-url", "postgres://localhost/unused", "--tokens-file", &path];
+    let problem = Cli::try_parse_from(args).expect("valid flags").serve.validate().expect_err("refused");
+    assert!(problem.contains(&format!("--tokens-file {path} holds no token")), "{problem}");
+}
+
 /// `/package.Service/Method` of every method of every service in jobbroker's protos.
 fn jobbroker_paths() -> Vec<(String, String)> {
     let files = prost_types::FileDescriptorSet::decode(jobbroker::FILE_DESCRIPTOR_SET).expect("a descriptor set");

@@ -90,6 +90,13 @@ async fn enqueue_refuses_every_field_out_of_its_limits_and_stores_nothing() {
     bad("priority", spec(|s| s.priority = -1001));
     bad("run_at", spec(|s| s.run_at = Some(prost_types::Timestamp { seconds: 0, nanos: -1 })));
     bad("idempotency_key", spec(|s| s.idempotency_key = "k".repeat(257)));
+    // Years Postgres cannot store (or no one means), and NUL, which Postgres text and jsonb cannot hold.
+    let year_10000 = 253_402_300_800;
+    bad("run_at", spec(|s| s.run_at = Some(prost_types::Timestamp { seconds: year_10000, nanos: 0 })));
+    bad("run_at", spec(|s| s.run_at = Some(prost_types::Timestamp { seconds: -200_000 * 365 * DAY, nanos: 0 })));
+    bad("idempotency_key", spec(|s| s.idempotency_key = "a\0b".into()));
+    bad("metadata[k\0]", spec(|s| s.metadata = HashMap::from([("k\0".into(), "v".into())])));
+    bad("metadata[k]", spec(|s| s.metadata = HashMap::from([("k".into(), "v\0".into())])));
     let out_of_range = [secs(0), secs(-1), Some(prost_types::Duration { seconds: 0, nanos: -5 }), secs(30 * DAY + 1)];
     for duration in out_of_range {
         let retry = |policy: pb::RetryPolicy| spec(|s| s.retry = Some(policy));
@@ -128,6 +135,7 @@ async fn values_at_the_limits_are_accepted() {
                 multiplier: 100.0,
             });
             s.idempotency_key = "k".repeat(256);
+            s.run_at = Some(prost_types::Timestamp { seconds: 253_402_300_799, nanos: 999_999_999 });
         }),
         spec(|s| {
             let millisecond = Some(prost_types::Duration { seconds: 0, nanos: 1_000_000 });
@@ -175,7 +183,10 @@ async fn lease_streams_refuse_bad_registrations_and_protocol_errors() {
     assert_invalid(client.lease(ReceiverStream::new(receive)).await, "register");
 
     type Change = fn(&mut pb::Register);
-    let cases: [(&str, Change); 6] = [
+    let cases: [(&str, Change); 9] = [
+        ("register.worker_id", |r| r.worker_id = "w\0".into()),
+        ("register.labels[k\0]", |r| r.labels = HashMap::from([("k\0".into(), "v".into())])),
+        ("register.labels[k]", |r| r.labels = HashMap::from([("k".into(), "\0".into())])),
         ("register.queues[0]", |r| r.queues = vec!["bad queue".into()]),
         ("register.queues[1]", |r| r.queues = vec!["reg".into(), "a/b".into()]),
         ("register.queues", |r| r.queues = vec![]),
@@ -229,6 +240,7 @@ async fn heartbeat_and_complete_refuse_bad_input_and_leave_the_lease_alone() {
         ("leases[1].lease_id", vec![beat(&lease, 1, String::new()), beat("", 1, String::new())]),
         ("leases[0].progress.percent", vec![beat(&lease, 101, String::new())]),
         ("leases[0].progress.message", vec![beat(&lease, 1, "m".repeat(1025))]),
+        ("leases[0].progress.message", vec![beat(&lease, 1, "half\0way".into())]),
     ];
     for (field, leases) in heartbeats {
         assert_invalid(client.heartbeat(pb::HeartbeatRequest { leases }).await, field);
@@ -262,6 +274,23 @@ async fn heartbeat_and_complete_refuse_bad_input_and_leave_the_lease_alone() {
     assert_eq!((after.attempt, &after.progress, &after.result), (1, &None, &vec![]));
     assert_eq!(after.lease_expires_at, before.lease_expires_at, "refused heartbeats extended nothing");
     assert_eq!(worker.succeed(&lease, b"done").await.expect("the lease still holds"), pb::JobState::Succeeded);
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn a_failure_message_with_nul_is_recorded_with_the_nul_replaced() {
+    let broker = TestBroker::start(Settings::with_database(test_database().await)).await;
+    let mut client = broker.client().await;
+    let job = spec(|s| (s.queue, s.max_attempts) = ("nul".into(), 1));
+    let ids = enqueue(&mut client, vec![job]).await;
+    let mut worker = TestWorker::connect(client.clone(), "w1", &["nul"], 1).await;
+    let lease = worker.assignment(ARRIVES).await.lease_id;
+    let failure = pb::Failure { message: "stderr\0tail".into(), ..Default::default() };
+    let request =
+        pb::CompleteRequest { lease_id: lease, outcome: Some(pb::complete_request::Outcome::Failure(failure)) };
+    let answer = client.complete(request).await.expect("a failure is always recorded").into_inner();
+    assert_eq!(answer.state(), pb::JobState::Failed);
+    assert_eq!(get_job(&mut client, &ids[0]).await.last_error, "stderr\u{FFFD}tail");
     broker.stop().await;
 }
 

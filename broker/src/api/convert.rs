@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, Utc};
 use jobbroker::v1 as pb;
 use uuid::Uuid;
 
@@ -50,6 +50,15 @@ impl Check {
     fn max_len(&mut self, field: impl Into<String>, len: usize, max: usize) {
         if len > max {
             self.fail(field, format!("must be at most {max} bytes (got {len})"));
+        }
+    }
+
+    /// Text the store keeps as text: at most `max` bytes and no NUL character (Postgres text cannot hold one).
+    fn text(&mut self, field: impl Into<String>, value: &str, max: usize) {
+        if value.len() > max {
+            self.fail(field, format!("must be at most {max} bytes (got {})", value.len()));
+        } else if value.contains('\0') {
+            self.fail(field, "must not contain a NUL character");
         }
     }
 
@@ -172,16 +181,17 @@ fn job_spec(
         check.fail(field("priority"), "must be in -1000..=1000");
     }
     let run_at = spec.run_at.as_ref().and_then(|t| {
-        let parsed = timestamp(t);
+        // Postgres holds far fewer years than chrono; no one schedules a job outside these.
+        let parsed = timestamp(t).filter(|t| (1970..=9999).contains(&t.year()));
         if parsed.is_none() {
-            check.fail(field("run_at"), "must be a well-formed timestamp");
+            check.fail(field("run_at"), "must be a well-formed timestamp in the years 1970..=9999");
         }
         parsed
     });
     if spec.max_attempts > 1000 {
         check.fail(field("max_attempts"), "must be in 1..=1000 (0 takes the default)");
     }
-    check.max_len(field("idempotency_key"), spec.idempotency_key.len(), limits.max_idempotency_key_bytes);
+    check.text(field("idempotency_key"), &spec.idempotency_key, limits.max_idempotency_key_bytes);
     if spec.metadata.len() > limits.max_metadata_entries {
         check.fail(field("metadata"), format!("must have at most {} entries", limits.max_metadata_entries));
     }
@@ -190,8 +200,8 @@ fn job_spec(
             check.fail(field("metadata"), "keys must not be empty");
         }
         let field = || Lazy(move || format!("jobs[{index}].metadata[{}]", clip(key)));
-        check.max_len(field(), key.len(), limits.max_metadata_key_bytes);
-        check.max_len(field(), value.len(), limits.max_metadata_value_bytes);
+        check.text(field(), key, limits.max_metadata_key_bytes);
+        check.text(field(), value, limits.max_metadata_value_bytes);
     }
     let lease_ttl = check.duration(field("lease_ttl"), spec.lease_ttl.as_ref());
     let execution_timeout = check.duration(field("execution_timeout"), spec.execution_timeout.as_ref());
@@ -227,9 +237,10 @@ fn job_spec(
 
 pub fn register(register: pb::Register, limits: &Limits) -> Result<Registration> {
     let mut check = Check::default();
-    if register.worker_id.is_empty() || register.worker_id.len() > MAX_NAME * 2 {
-        check.fail("register.worker_id", format!("must be 1 to {} bytes", MAX_NAME * 2));
+    if register.worker_id.is_empty() {
+        check.fail("register.worker_id", "must not be empty");
     }
+    check.text("register.worker_id", &register.worker_id, MAX_NAME * 2);
     if register.queues.is_empty() || register.queues.len() > limits.max_queues_per_stream {
         check.fail("register.queues", format!("must name 1 to {} queues", limits.max_queues_per_stream));
     }
@@ -243,8 +254,8 @@ pub fn register(register: pb::Register, limits: &Limits) -> Result<Registration>
         check.fail("register.labels", format!("must have at most {} entries", limits.max_metadata_entries));
     }
     for (key, value) in &register.labels {
-        check.max_len(format!("register.labels[{}]", clip(key)), key.len(), limits.max_metadata_key_bytes);
-        check.max_len(format!("register.labels[{}]", clip(key)), value.len(), limits.max_metadata_value_bytes);
+        check.text(format!("register.labels[{}]", clip(key)), key, limits.max_metadata_key_bytes);
+        check.text(format!("register.labels[{}]", clip(key)), value, limits.max_metadata_value_bytes);
     }
     if register.held_lease_ids.len() > limits.max_stream_capacity as usize {
         check.fail("register.held_lease_ids", format!("must name at most {} leases", limits.max_stream_capacity));
@@ -292,7 +303,7 @@ pub fn heartbeat_request(request: pb::HeartbeatRequest, limits: &Limits) -> Resu
                     check.fail(format!("leases[{i}].progress.percent"), "must be in 0..=100");
                 }
                 let max = limits.max_progress_message_bytes;
-                check.max_len(format!("leases[{i}].progress.message"), progress.message.len(), max);
+                check.text(format!("leases[{i}].progress.message"), &progress.message, max);
             }
             match Uuid::parse_str(&beat.lease_id) {
                 Ok(lease_id) => Some(Beat {
@@ -323,7 +334,9 @@ pub fn complete_request(request: pb::CompleteRequest, limits: &Limits) -> Result
         }
         Some(pb::complete_request::Outcome::Failure(failure)) => {
             let retry_after = check.duration("failure.retry_after", failure.retry_after.as_ref());
-            let mut message = failure.message;
+            // A failure is always recorded: its message is cut to size and a NUL (which text cannot hold, and
+            // which a command's stderr may well carry) becomes U+FFFD.
+            let mut message = failure.message.replace('\0', "\u{FFFD}");
             let max = limits.max_error_message_bytes;
             if message.len() > max {
                 let end = (0..=max).rev().find(|&i| message.is_char_boundary(i)).unwrap_or(0);

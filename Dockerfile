@@ -1,7 +1,7 @@
 # jobbroker's image: the broker, the worker agent and the ops CLI (jobctl) on distroless, as a non-root user with
 # no shell. Plain Dockerfile syntax, so docker, podman, buildah and kaniko all build it:
 #   docker build -t REGISTRY/jobbroker:0.1.0 . && docker push REGISTRY/jobbroker:0.1.0
-# docs/kubernetes.md has the details; broker/tests/helm_chart.rs checks this file against the workspace.
+# README.md (Kubernetes) has the details; broker/tests/helm_chart.rs checks this file against the workspace.
 
 # The toolchain CI uses.
 FROM docker.io/library/rust:1.95-slim-bookworm AS build

@@ -265,7 +265,7 @@ async fn an_attempt_past_its_execution_timeout_is_lost_even_while_heartbeating()
     assert!(elapsed < timeout + Duration::from_secs(2), "re-leased long after the execution timeout: {elapsed:?}");
     let job = second.job.expect("a job");
     assert_eq!((job.id.as_str(), job.attempt, job.worker_id.as_str()), (id.as_str(), 2, "worker-b"));
-    assert_eq!(job.last_error, "execution timeout exceeded");
+    assert_eq!(job.last_error, "lease expired: execution timeout exceeded");
 
     let status = a.heartbeat(&first.lease_id, None).await;
     assert!(!status.active, "a heartbeat after the timeout reports the lease inactive: {status:?}");

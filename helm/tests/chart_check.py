@@ -254,10 +254,12 @@ def check_broker(name: str, objects: list[dict]) -> None:
 
 
 def check_worker(name: str, objects: list[dict]) -> None:
-    """Drain grace, the config checksum, autoscaling owns replicas, the rendered TOML parses."""
+    """Drain grace, zombies reaped, the config checksum, autoscaling owns replicas, the rendered TOML parses."""
     for deployment, agent in containers_named(objects, "Deployment", "worker-agent"):
         where = f"{name}: Deployment/{deployment['metadata']['name']}"
         env = env_of(agent)
+        if deployment["spec"]["template"]["spec"].get("shareProcessNamespace") is not True:
+            fail(f"{where}: shareProcessNamespace must be true, so a PID 1 that reaps orphaned job processes runs")
         grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
         if grace <= seconds(env["JOBBROKER_DRAIN_GRACE"]["value"]):
             fail(f"{where}: terminationGracePeriodSeconds {grace} must exceed JOBBROKER_DRAIN_GRACE")

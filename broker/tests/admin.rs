@@ -400,6 +400,43 @@ async fn a_bounded_queue_refuses_enqueues_past_its_depth_until_drained() {
 }
 
 #[tokio::test]
+async fn a_bound_holds_exactly_when_replicas_enqueue_at_once() {
+    const MAX: u64 = 500;
+    let database = test_database().await;
+    let settings = || Settings { poll_interval: Duration::from_millis(50), ..Settings::with_database(&database) };
+    let replica_a = TestBroker::start(settings()).await;
+    let mut admin_a = admin(&replica_a).await;
+    let bound = pb::SetQueueMaxDepthRequest { queue: "tight".into(), max_depth: MAX };
+    admin_a.set_queue_max_depth(bound).await.expect("set max depth");
+    let replica_b = TestBroker::start(settings()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // several bound refreshes on replica B
+
+    // Eight producers per replica, each sending batches of 25 until the queue has been full a few times over.
+    let mut producers = tokio::task::JoinSet::new();
+    for replica in [&replica_a, &replica_b] {
+        for _ in 0..8 {
+            let mut client = replica.client().await;
+            producers.spawn(async move {
+                let mut accepted = 0;
+                for _ in 0..10 {
+                    let jobs = (0..25).map(|_| pb::JobSpec::new("tight", "k", b"x".to_vec())).collect();
+                    match client.enqueue(pb::EnqueueRequest { jobs }).await {
+                        Ok(answer) => accepted += answer.into_inner().jobs.len() as u64,
+                        Err(status) => assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}"),
+                    }
+                }
+                accepted
+            });
+        }
+    }
+    let accepted: u64 = producers.join_all().await.into_iter().sum();
+    let queued = stats(&mut admin_a, "tight").await.queued;
+    assert_eq!(queued, accepted, "every accepted job is stored, no refused one is");
+    assert!(queued <= MAX, "{queued} jobs queued past the bound of {MAX}");
+    assert!(queued > MAX - 25, "producers filled the queue to within one batch: {queued}");
+}
+
+#[tokio::test]
 async fn workers_lists_connected_streams_with_their_leases() {
     let broker = TestBroker::start(Settings::with_database(test_database().await)).await;
     let (mut client, mut admin) = (broker.client().await, admin(&broker).await);

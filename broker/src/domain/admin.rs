@@ -19,7 +19,7 @@ use super::Broker;
 use crate::{
     error::{Error, Result},
     model::{Job, JobState, Page, QueueStats, WorkerInfo},
-    store::Store,
+    store::{Bound, Store},
 };
 
 /// How often a replica marks its Lease streams as alive in the sessions table.
@@ -67,8 +67,14 @@ impl QueueBounds {
     }
 }
 
-/// QUEUED jobs of the bounded queues an enqueue batch touches, updated as the batch's RPCs are accepted.
-pub struct Depths(HashMap<String, (u64, u64)>);
+/// QUEUED jobs of the bounded queues an enqueue batch touches, and the jobs its accepted RPCs add to them.
+pub struct Depths(HashMap<String, Room>);
+
+struct Room {
+    queued: u64,
+    added: u64,
+    max: u64,
+}
 
 impl Depths {
     /// Counts the bounded queues among `queues` (one statement; nothing when none is bounded).
@@ -83,31 +89,41 @@ impl Depths {
         }
         let caps: Vec<(String, u64)> = bounded.iter().map(|(q, max)| (q.clone(), max.saturating_add(1))).collect();
         let depths: HashMap<String, u64> = store.queued_depths(&caps).await?.into_iter().collect();
-        Ok(Depths(
-            bounded.into_iter().map(|(q, max)| (q.clone(), (depths.get(&q).copied().unwrap_or(0), max))).collect(),
-        ))
+        let room = |q: &String, max| Room { queued: depths.get(q).copied().unwrap_or(0), added: 0, max };
+        Ok(Depths(bounded.into_iter().map(|(q, max)| (q.clone(), room(&q, max))).collect()))
     }
 
     /// Admits `added` new jobs per queue, all or none: RESOURCE_EXHAUSTED naming the first full queue.
     pub fn admit(&mut self, added: &HashMap<&str, u64>) -> Result<()> {
         for (queue, count) in added {
-            if let Some((depth, max)) = self.0.get(*queue)
-                && depth + count > *max
+            if let Some(room) = self.0.get(*queue)
+                && room.queued + room.added + count > room.max
             {
                 return Err(Error::ResourceExhausted {
                     message: format!(
-                        "queue `{queue}` is full: {depth} jobs queued, at most {max} allowed; retry after workers drain it"
+                        "queue `{queue}` is full: {} jobs queued, at most {} allowed; retry after workers drain it",
+                        room.queued + room.added,
+                        room.max
                     ),
                     retry_after: Some(FULL_QUEUE_RETRY),
                 });
             }
         }
         for (queue, count) in added {
-            if let Some((depth, _)) = self.0.get_mut(*queue) {
-                *depth += count;
+            if let Some(room) = self.0.get_mut(*queue) {
+                room.added += count;
             }
         }
         Ok(())
+    }
+
+    /// What the insert must re-check under its lock: the bounded queues the admitted RPCs add to.
+    pub fn bounds(&self) -> Vec<Bound> {
+        self.0
+            .iter()
+            .filter(|(_, room)| room.added > 0)
+            .map(|(queue, room)| Bound { queue: queue.clone(), adds: room.added, max: room.max })
+            .collect()
     }
 }
 

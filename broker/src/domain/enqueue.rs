@@ -24,7 +24,7 @@ use crate::{
     store::{Inserted, NewKey, Store},
 };
 
-/// How often a batch is replanned when concurrent enqueues keep taking its keys first.
+/// How often a batch is replanned when concurrent enqueues keep taking its keys, or its bounded queues' room, first.
 const KEY_RACE_ATTEMPTS: usize = 5;
 
 pub struct EnqueueHandler {
@@ -168,8 +168,8 @@ impl EnqueueHandler {
         let queued: BTreeSet<&str> =
             jobs.iter().filter(|j| j.lease_to.is_none()).map(|j| j.spec.queue.as_str()).collect();
         let note = (!queued.is_empty()).then(|| self.dispatcher.enqueued_note(&queued));
-        match self.store.insert_jobs(&jobs, &keys, note.as_deref()).await? {
-            Inserted::KeyTaken => Ok(None),
+        match self.store.insert_jobs(&jobs, &keys, &depths.bounds(), note.as_deref()).await? {
+            Inserted::Raced => Ok(None),
             Inserted::Committed(leased) => {
                 self.metrics.jobs_enqueued(jobs.iter().map(|j| j.spec.queue.as_str()));
                 self.dispatcher.hand_off(handoff, leased).await;
@@ -198,7 +198,7 @@ impl BatchHandler for EnqueueHandler {
                 Err(error) => return vec![Err(error); batch.len()],
             }
         }
-        let busy = Error::Unavailable("idempotency keys are contended; retry".into());
+        let busy = Error::Unavailable("concurrent enqueues keep taking these keys or this queue's room; retry".into());
         vec![Err(busy); batch.len()]
     }
 }

@@ -35,7 +35,7 @@ pub fn settle(facts: Option<&LeaseFacts>, outcome: Outcome) -> Option<Settle> {
 
 /// What losing a lease does: a retryable failure with SPEC's error `lease expired` (naming the execution timeout when
 /// that was the cause), due again at once: the lease's deadline or the reconnect grace already delayed it, the job
-/// is not to blame for its worker's crash, and SPEC's re-lease bar (grace + 1 s) leaves no room for a backoff.
+/// is not to blame for its worker's crash, and the re-lease bar (grace + 1 s) leaves no room for a backoff.
 pub fn lost(facts: &LeaseFacts) -> Settle {
     let message = if facts.timed_out { "lease expired: execution timeout exceeded" } else { "lease expired" };
     fail_or_retry(facts, message.into(), false, Some(Duration::ZERO))

@@ -213,16 +213,7 @@ impl Store {
 
     /// Once per enqueue batch, bounded queues only: each queue's QUEUED jobs, counted up to its `cap`.
     pub async fn queued_depths(&self, caps: &[(String, u64)]) -> Result<Vec<(String, u64)>> {
-        let rows: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT c.name, (SELECT count(*) FROM ( \
-               SELECT 1 FROM jobs WHERE queue = c.name AND state = 'queued' LIMIT c.cap) x) \
-             FROM unnest($1::text[], $2::bigint[]) AS c(name, cap)",
-        )
-        .bind(caps.iter().map(|(name, _)| name.as_str()).collect::<Vec<_>>())
-        .bind(caps.iter().map(|(_, cap)| i64::try_from(*cap).unwrap_or(i64::MAX)).collect::<Vec<_>>())
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows.into_iter().map(|(name, depth)| (name, u64::try_from(depth).unwrap_or(0))).collect())
+        queued_depths(&self.pool, caps).await
     }
 
     /// Records a new Lease stream.
@@ -347,4 +338,21 @@ fn cut_page<T>(
     }
     let more = rows.len() > items.len();
     Ok((items, more))
+}
+
+/// Each queue's QUEUED jobs, counted up to its `cap` (so a deep queue costs no more than its bound).
+pub(super) async fn queued_depths<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    caps: &[(String, u64)],
+) -> Result<Vec<(String, u64)>> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT c.name, (SELECT count(*) FROM ( \
+           SELECT 1 FROM jobs WHERE queue = c.name AND state = 'queued' LIMIT c.cap) x) \
+         FROM unnest($1::text[], $2::bigint[]) AS c(name, cap)",
+    )
+    .bind(caps.iter().map(|(name, _)| name.as_str()).collect::<Vec<_>>())
+    .bind(caps.iter().map(|(_, cap)| i64::try_from(*cap).unwrap_or(i64::MAX)).collect::<Vec<_>>())
+    .fetch_all(executor)
+    .await?;
+    Ok(rows.into_iter().map(|(name, depth)| (name, u64::try_from(depth).unwrap_or(0))).collect())
 }

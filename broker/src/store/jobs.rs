@@ -53,8 +53,16 @@ pub struct Claimed {
 pub enum Inserted {
     /// Stored; the jobs leased by the insert itself.
     Committed(Vec<Job>),
-    /// Another transaction took one of the keys first; nothing was written. Look the keys up again.
-    KeyTaken,
+    /// Another transaction took one of the keys first, or filled a bounded queue past what the plan saw; nothing
+    /// was written. Plan again.
+    Raced,
+}
+
+/// A bounded queue an insert batch adds to: it may hold at most `max` QUEUED jobs once the batch is in.
+pub struct Bound {
+    pub queue: String,
+    pub adds: u64,
+    pub max: u64,
 }
 
 impl Store {
@@ -86,26 +94,53 @@ impl Store {
     }
 
     /// Hot (group commit): stores every job of a batch (leasing those with a `lease_to` slot), its keys and one
-    /// NOTIFY naming the queues of its queued jobs, atomically. Without keys that is a single statement (one round
-    /// trip); with keys, a short transaction.
-    pub async fn insert_jobs(&self, jobs: &[NewJob], keys: &[NewKey], notify: Option<&str>) -> Result<Inserted> {
-        if keys.is_empty() {
+    /// NOTIFY naming the queues of its queued jobs, atomically. Without keys or bounds that is a single statement
+    /// (one round trip); otherwise a short transaction. `bounds` are checked under a transaction-scoped advisory
+    /// lock per queue (taken in name order, before any key), so enqueues on every replica admit jobs to a bounded
+    /// queue one batch at a time and its bound holds exactly.
+    pub async fn insert_jobs(
+        &self,
+        jobs: &[NewJob],
+        keys: &[NewKey],
+        bounds: &[Bound],
+        notify: Option<&str>,
+    ) -> Result<Inserted> {
+        if keys.is_empty() && bounds.is_empty() {
             return Ok(Inserted::Committed(insert_and_notify(&self.pool, jobs, notify).await?));
         }
         let mut tx = self.pool.begin().await?;
-        let taken = sqlx::query(
-            "INSERT INTO idempotency_keys (queue, key, job_id, spec_hash) \
-             SELECT * FROM unnest($1::text[], $2::text[], $3::uuid[], $4::bytea[]) ON CONFLICT DO NOTHING",
-        )
-        .bind(keys.iter().map(|k| k.queue.as_str()).collect::<Vec<_>>())
-        .bind(keys.iter().map(|k| k.key.as_str()).collect::<Vec<_>>())
-        .bind(keys.iter().map(|k| k.job_id).collect::<Vec<_>>())
-        .bind(keys.iter().map(|k| k.spec_hash.as_slice()).collect::<Vec<_>>())
-        .execute(&mut *tx)
-        .await?;
-        if taken.rows_affected() != keys.len() as u64 {
-            tx.rollback().await?;
-            return Ok(Inserted::KeyTaken);
+        if !bounds.is_empty() {
+            let mut queues: Vec<&str> = bounds.iter().map(|b| b.queue.as_str()).collect();
+            queues.sort_unstable();
+            for queue in queues {
+                sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('jobbroker queue bound ' || $1, 0))")
+                    .bind(queue)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            let caps: Vec<(String, u64)> = bounds.iter().map(|b| (b.queue.clone(), b.max.saturating_add(1))).collect();
+            let depths: HashMap<String, u64> =
+                super::admin::queued_depths(&mut *tx, &caps).await?.into_iter().collect();
+            if bounds.iter().any(|b| depths.get(&b.queue).copied().unwrap_or(0) + b.adds > b.max) {
+                tx.rollback().await?;
+                return Ok(Inserted::Raced);
+            }
+        }
+        if !keys.is_empty() {
+            let taken = sqlx::query(
+                "INSERT INTO idempotency_keys (queue, key, job_id, spec_hash) \
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::uuid[], $4::bytea[]) ON CONFLICT DO NOTHING",
+            )
+            .bind(keys.iter().map(|k| k.queue.as_str()).collect::<Vec<_>>())
+            .bind(keys.iter().map(|k| k.key.as_str()).collect::<Vec<_>>())
+            .bind(keys.iter().map(|k| k.job_id).collect::<Vec<_>>())
+            .bind(keys.iter().map(|k| k.spec_hash.as_slice()).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
+            if taken.rows_affected() != keys.len() as u64 {
+                tx.rollback().await?;
+                return Ok(Inserted::Raced);
+            }
         }
         let leased = insert_and_notify(&mut *tx, jobs, notify).await?;
         tx.commit().await?;

@@ -8,7 +8,7 @@ mod admin;
 mod jobs;
 
 pub use admin::SessionRecord;
-pub use jobs::{Claimed, Inserted, KeyHolder, NewKey};
+pub use jobs::{Bound, Claimed, Inserted, KeyHolder, NewKey};
 pub use stats::{PoolUse, QueueDepth};
 mod rows;
 mod stats;

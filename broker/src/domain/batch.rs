@@ -28,13 +28,14 @@ const PARALLEL_WEIGHT: usize = 100;
 
 /// Handles a whole batch; answers one result per request, in order.
 pub trait BatchHandler: Send + Sync + 'static {
-    type Request: Send + 'static;
+    type Request: Send + Sync + 'static;
     type Response: Send + 'static;
 
     /// How much of the batch limit one request uses (jobs in an Enqueue, 1 for a Complete).
     fn weight(request: &Self::Request) -> usize;
 
-    fn handle(&self, batch: Vec<Self::Request>) -> impl Future<Output = Vec<Result<Self::Response>>> + Send;
+    /// Must change nothing when it fails the whole batch: the writer may then try its requests one by one.
+    fn handle(&self, batch: &[Self::Request]) -> impl Future<Output = Vec<Result<Self::Response>>> + Send;
 }
 
 type Pending<H> = (<H as BatchHandler>::Request, oneshot::Sender<Result<<H as BatchHandler>::Response>>);
@@ -63,7 +64,7 @@ impl<H: BatchHandler> Batcher<H> {
                 tracing::debug!(task = name, "batch writer started");
                 while let Some((batch, busy)) = queue.next_batch(max_weight, &shutdown).await {
                     let (requests, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-                    let answers = handler.handle(requests).await;
+                    let answers = handle_isolated(&*handler, &requests).await;
                     drop(busy);
                     for (reply, answer) in replies.into_iter().zip(answers) {
                         let _ = reply.send(answer);
@@ -80,6 +81,21 @@ impl<H: BatchHandler> Batcher<H> {
         self.submit.send((request, reply)).await.map_err(|_| shutting_down())?;
         answer.await.map_err(|_| shutting_down())?
     }
+}
+
+/// Handles a batch; when the store refused it whole for a reason no retry cures (`Internal`: one request the
+/// database rejects fails the statement all share), each request is tried alone, so only the bad one fails.
+async fn handle_isolated<H: BatchHandler>(handler: &H, requests: &[H::Request]) -> Vec<Result<H::Response>> {
+    let answers = handler.handle(requests).await;
+    if requests.len() < 2 || !answers.iter().all(|answer| matches!(answer, Err(Error::Internal(_)))) {
+        return answers;
+    }
+    tracing::warn!(requests = requests.len(), "a batch failed as a whole; trying its requests one by one");
+    let mut alone = Vec::with_capacity(requests.len());
+    for request in requests {
+        alone.extend(handler.handle(std::slice::from_ref(request)).await);
+    }
+    alone
 }
 
 fn shutting_down() -> Error {
@@ -175,7 +191,7 @@ mod tests {
             request.0
         }
 
-        async fn handle(&self, batch: Vec<(usize, bool)>) -> Vec<Result<()>> {
+        async fn handle(&self, batch: &[(usize, bool)]) -> Vec<Result<()>> {
             self.batches.lock().expect("not poisoned").push(batch.iter().map(|r| r.0).collect());
             if batch.iter().any(|r| r.1) {
                 self.release.notified().await;
@@ -247,7 +263,7 @@ mod tests {
             1
         }
 
-        async fn handle(&self, batch: Vec<bool>) -> Vec<Result<()>> {
+        async fn handle(&self, batch: &[bool]) -> Vec<Result<()>> {
             assert!(!batch.contains(&true), "the handler failed");
             batch.iter().map(|_| Ok(())).collect()
         }
@@ -259,5 +275,61 @@ mod tests {
             Batcher::start("test", Arc::new(Panicker), 2, 5000, &TaskTracker::new(), CancellationToken::new());
         assert!(batcher.call(true).await.is_err(), "the panicked batch's caller is answered with an error");
         answered(batcher.call(false)).await.expect("the other writer took the next request");
+    }
+
+    /// Holds a batch holding `Hold` until released; fails a whole batch holding `Poison`, like a statement that
+    /// one row's bad value fails for all.
+    #[derive(Default)]
+    struct Poisonable {
+        sizes: StdMutex<Vec<usize>>,
+        release: Notify,
+    }
+
+    #[derive(PartialEq)]
+    enum Call {
+        Hold,
+        Good,
+        Poison,
+    }
+
+    impl BatchHandler for Poisonable {
+        type Request = Call;
+        type Response = ();
+
+        fn weight(_: &Call) -> usize {
+            1
+        }
+
+        async fn handle(&self, batch: &[Call]) -> Vec<Result<()>> {
+            self.sizes.lock().expect("not poisoned").push(batch.len());
+            if batch.contains(&Call::Hold) {
+                self.release.notified().await;
+            }
+            let answer = if batch.contains(&Call::Poison) { Err(Error::Internal("bad row".into())) } else { Ok(()) };
+            batch.iter().map(|_| answer.clone()).collect()
+        }
+    }
+
+    #[tokio::test]
+    async fn one_request_the_store_refuses_does_not_fail_the_rest_of_its_batch() {
+        let handler = Arc::new(Poisonable::default());
+        let batcher =
+            Arc::new(Batcher::start("test", handler.clone(), 1, 5000, &TaskTracker::new(), CancellationToken::new()));
+        let call = |kind| {
+            let batcher = batcher.clone();
+            tokio::spawn(async move { batcher.call(kind).await })
+        };
+        let held = call(Call::Hold);
+        settle().await;
+        let calls: Vec<_> = [Call::Good, Call::Good, Call::Poison, Call::Good].into_iter().map(call).collect();
+        settle().await;
+        handler.release.notify_one();
+        answered(held).await.expect("joined").expect("answered");
+        let mut answers = Vec::new();
+        for call in calls {
+            answers.push(answered(call).await.expect("joined").is_ok());
+        }
+        assert_eq!(answers, [true, true, false, true], "only the poisoned request failed");
+        assert_eq!(*handler.sizes.lock().expect("not poisoned"), [1, 4, 1, 1, 1, 1], "one batch, then one by one");
     }
 }

@@ -190,9 +190,9 @@ impl BatchHandler for EnqueueHandler {
         request.len()
     }
 
-    async fn handle(&self, batch: Vec<Self::Request>) -> Vec<Result<Self::Response>> {
+    async fn handle(&self, batch: &[Self::Request]) -> Vec<Result<Self::Response>> {
         for _ in 0..KEY_RACE_ATTEMPTS {
-            match self.try_batch(&batch).await {
+            match self.try_batch(batch).await {
                 Ok(Some(answers)) => return answers,
                 Ok(None) => continue,
                 Err(error) => return vec![Err(error); batch.len()],

@@ -95,7 +95,7 @@ impl BatchHandler for CompleteHandler {
         1
     }
 
-    async fn handle(&self, batch: Vec<Self::Request>) -> Vec<Result<JobState>> {
+    async fn handle(&self, batch: &[Self::Request]) -> Vec<Result<JobState>> {
         let leases = &self.0;
         let failed: Vec<Uuid> =
             batch.iter().filter(|(_, o)| matches!(o, Outcome::Failure { .. })).map(|(lease, _)| *lease).collect();
@@ -106,7 +106,7 @@ impl BatchHandler for CompleteHandler {
         };
         let mut seen = std::collections::HashSet::new();
         let mut items = Vec::with_capacity(batch.len());
-        for (lease_id, outcome) in &batch {
+        for (lease_id, outcome) in batch {
             // A lease named twice in one batch is settled once; the repeat finds it gone (ABORTED).
             if !seen.insert(*lease_id) {
                 continue;
@@ -147,7 +147,7 @@ impl BatchHandler for HeartbeatHandler {
         request.len()
     }
 
-    async fn handle(&self, batch: Vec<Self::Request>) -> Vec<Result<Self::Response>> {
+    async fn handle(&self, batch: &[Self::Request]) -> Vec<Result<Self::Response>> {
         let leases = &self.0;
         let beats: Vec<Beat> = batch.iter().flatten().cloned().collect();
         let answers = match leases.store.heartbeat(&beats).await {

@@ -38,6 +38,10 @@ pub async fn connect(addr: impl Into<String>) -> Result<BrokerServiceClient<Chan
     ConnectOptions::default().channel(addr).await.map(BrokerServiceClient::new)
 }
 
+/// The environment variable [`ClientArgs`] reads the bearer token from (`--token`). Programs started on a job's
+/// behalf should not inherit it.
+pub const TOKEN_VARIABLE: &str = "JOBBROKER_TOKEN";
+
 /// Sets the bearer token on every request; made by [`ConnectOptions::interceptor`].
 #[derive(Clone, Default)]
 pub struct Bearer(Option<MetadataValue<Ascii>>);
@@ -212,7 +216,7 @@ mod args {
     #[derive(Clone, Default, clap::Args)]
     pub struct ClientArgs {
         /// Bearer token sent with every call (`authorization: Bearer <token>`).
-        #[arg(long, env = "JOBBROKER_TOKEN", hide_env_values = true)]
+        #[arg(long, env = super::TOKEN_VARIABLE, hide_env_values = true)]
         pub token: Option<String>,
         /// CA certificates (PEM) to trust for https:// brokers, instead of the system's roots.
         #[arg(long, env = "JOBBROKER_TLS_CA", value_name = "PATH")]

@@ -41,7 +41,8 @@ const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
 const COMPLETE_RETRY: Duration = Duration::from_millis(500);
 /// Longest progress message the broker accepts (SPEC limits).
 const MAX_PROGRESS_MESSAGE: usize = 1024;
-/// Most leases one Heartbeat may name (the broker's default `--max-leases-per-heartbeat`).
+/// Most leases one Heartbeat names (the broker's default `--max-leases-per-heartbeat`) until a broker refuses that
+/// many.
 const MAX_BEATS: usize = 1000;
 /// Range the broker accepts for a failure's `retry_after` (SPEC: durations are 1 ms to 30 days).
 const MIN_RETRY_AFTER: Duration = Duration::from_millis(1);
@@ -205,8 +206,8 @@ impl ActiveJob {
         self.spec().execution_timeout.and_then(|d| Duration::try_from(d).ok())
     }
 
-    /// Records progress; sent with the next heartbeat. The message is cut to 1 KiB (the broker refuses longer
-    /// ones, and a refused heartbeat would keep every lease of this worker from being renewed).
+    /// Records progress; sent with the next heartbeat. The message is cut to 1 KiB (the broker's default limit; a
+    /// heartbeat the broker refuses is sent again without progress).
     pub fn report_progress(&self, percent: u32, message: impl Into<String>) {
         let mut message = message.into();
         truncate_utf8(&mut message, MAX_PROGRESS_MESSAGE);
@@ -586,8 +587,15 @@ impl From<Outcome> for pb::complete_request::Outcome {
     }
 }
 
-/// Heartbeats every running lease in one call per period; stops jobs whose lease is gone or cancelled.
+/// Heartbeats every running lease once per period, in slices one call may carry; stops jobs whose lease is gone or
+/// cancelled.
+///
+/// A slice the broker refuses as invalid is sent again without progress: one job's progress message (longer than
+/// the broker's `--max-progress-message-bytes`, or text it refuses) must not cost every lease in the slice. If
+/// the broker refuses it even so, the slice holds more leases than its `--max-leases-per-heartbeat`: it is sent in
+/// halves, and the smaller size is kept for the periods after.
 async fn heartbeats(shared: Arc<Shared>, finished: CancellationToken) {
+    let mut slice = MAX_BEATS;
     loop {
         let period = *shared.heartbeat.lock().expect("heartbeat lock");
         tokio::select! {
@@ -597,32 +605,71 @@ async fn heartbeats(shared: Arc<Shared>, finished: CancellationToken) {
         }
         let jobs: Vec<ActiveJob> = shared.running.lock().expect("running lock").values().cloned().collect();
         let Some(mut client) = shared.link.borrow().as_ref().map(|link| link.client.clone()) else { continue };
-        // A worker may run more jobs than one Heartbeat may name: one call per slice.
-        for jobs in jobs.chunks(MAX_BEATS) {
-            let leases = jobs
-                .iter()
-                .map(|job| pb::LeaseBeat {
-                    lease_id: job.lease_id().to_owned(),
-                    progress: job.inner.progress.borrow().clone(),
-                })
-                .collect();
-            match client.heartbeat(pb::HeartbeatRequest { leases }).await {
-                Ok(answer) => {
-                    for (job, status) in jobs.iter().zip(answer.into_inner().leases) {
-                        // A job that finished while the heartbeat was in flight: its lease ended with it.
-                        if !shared.running.lock().expect("running lock").contains_key(job.lease_id()) {
-                            continue;
-                        }
-                        if !status.active {
-                            tracing::warn!(job_id = %job.id(), "lease lost; stopping the job");
-                            job.stop(StopReason::LeaseLost);
-                        } else if status.cancel_requested {
-                            job.stop(StopReason::Cancelled);
-                        }
-                    }
+        // Slices still to send, the next one last.
+        let mut pending: Vec<&[ActiveJob]> = jobs.chunks(slice).rev().collect();
+        while let Some(jobs) = pending.pop() {
+            let refused = match beat(&mut client, jobs, true).await {
+                Err(status) if status.code() == Code::InvalidArgument => status,
+                answer => {
+                    settle(&shared, jobs, answer);
+                    continue;
                 }
-                Err(status) => tracing::warn!(%status, "heartbeat failed; retrying next period"),
+            };
+            let leases = jobs.len();
+            tracing::warn!(
+                status = %refused,
+                leases,
+                "the broker refused a heartbeat; sending it again without progress"
+            );
+            match beat(&mut client, jobs, false).await {
+                Err(status) if status.code() == Code::InvalidArgument && leases > 1 => {
+                    let (first, second) = jobs.split_at(leases.div_ceil(2));
+                    slice = slice.min(first.len());
+                    tracing::warn!(
+                        %status,
+                        leases,
+                        slice,
+                        "the broker refused that many leases in one heartbeat; sending fewer per call"
+                    );
+                    pending.extend([second, first]);
+                }
+                answer => settle(&shared, jobs, answer),
             }
+        }
+    }
+}
+
+/// One Heartbeat naming `jobs`' leases (with their progress, or without); the statuses in the same order.
+async fn beat(client: &mut Client, jobs: &[ActiveJob], progress: bool) -> Result<Vec<pb::LeaseStatus>, tonic::Status> {
+    let leases = jobs
+        .iter()
+        .map(|job| pb::LeaseBeat {
+            lease_id: job.lease_id().to_owned(),
+            progress: if progress { job.inner.progress.borrow().clone() } else { None },
+        })
+        .collect();
+    Ok(client.heartbeat(pb::HeartbeatRequest { leases }).await?.into_inner().leases)
+}
+
+/// Acts on a Heartbeat's answer for `jobs`: a lost lease stops its job, so does a cancel.
+fn settle(shared: &Shared, jobs: &[ActiveJob], answer: Result<Vec<pb::LeaseStatus>, tonic::Status>) {
+    let statuses = match answer {
+        Ok(statuses) => statuses,
+        Err(status) => {
+            tracing::warn!(%status, "heartbeat failed; retrying next period");
+            return;
+        }
+    };
+    for (job, status) in jobs.iter().zip(statuses) {
+        // A job that finished while the heartbeat was in flight: its lease ended with it.
+        if !shared.running.lock().expect("running lock").contains_key(job.lease_id()) {
+            continue;
+        }
+        if !status.active {
+            tracing::warn!(job_id = %job.id(), "lease lost; stopping the job");
+            job.stop(StopReason::LeaseLost);
+        } else if status.cancel_requested {
+            job.stop(StopReason::Cancelled);
         }
     }
 }

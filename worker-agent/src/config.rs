@@ -412,12 +412,18 @@ fn check_name(key: &str, name: &str) -> Result<(), ConfigError> {
     if valid { Ok(()) } else { Err(invalid(key, format!("{name:?} must match [A-Za-z0-9_.:-]{{1,{MAX_NAME}}}"))) }
 }
 
+/// An `http://` or `https://` URL. The error says what is wrong without echoing the URL: its user info, path or
+/// query may hold a secret (and a callback URL comes from a job's payload, whose failures are recorded and logged).
 pub(crate) fn http_url(key: &str, text: &str) -> Result<Url, ConfigError> {
-    let url = Url::parse(text).map_err(|e| invalid(key, format!("{text:?} is not a URL: {e}")))?;
-    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
-        return Err(invalid(key, format!("{text:?} must be an http:// or https:// URL")));
+    const EXPECTED: &str = "expected http:// or https://";
+    let url = Url::parse(text).map_err(|e| invalid(key, format!("not a valid URL ({e}); {EXPECTED}")))?;
+    match url.scheme() {
+        // The parser insists on a host for these.
+        "http" | "https" => Ok(url),
+        scheme if url.has_authority() => Err(invalid(key, format!("the URL has scheme {scheme}; {EXPECTED}"))),
+        // Without `//`, what parsed as a scheme may be a user name (`user:password@host`): not named.
+        _ => Err(invalid(key, format!("not a URL with a host; {EXPECTED}"))),
     }
-    Ok(url)
 }
 
 fn headers(key: &str, raw: Option<BTreeMap<String, String>>) -> Result<HeaderMap, ConfigError> {
@@ -579,7 +585,26 @@ mod tests {
         assert!(e.starts_with("--http: only one default handler"), "{e}");
         let e = error(&["--queue", "q", "--http", "http://x", "--http-callback"], "");
         assert!(e.starts_with("--http-callback: only one"), "{e}");
-        assert!(error(&["--queue", "q", "--http", "ftp://x"], "").starts_with("--http: \"ftp://x\" must be"));
+        assert_eq!(
+            error(&["--queue", "q", "--http", "ftp://x"], ""),
+            "--http: the URL has scheme ftp; expected http:// or https://"
+        );
+    }
+
+    #[test]
+    fn bad_urls_are_explained_without_being_echoed() {
+        let cases = [
+            ("ftp://user:s3cret@files.example/x?token=t0p", "the URL has scheme ftp; expected http:// or https://"),
+            ("admin:s3cret@hooks.example/x", "not a URL with a host; expected http:// or https://"),
+            ("http://user:s3cret@bad host/?token=t0p", "not a valid URL (invalid international domain name)"),
+            ("http://", "not a valid URL (empty host); expected"),
+        ];
+        for (url, expected) in cases {
+            let e = http_url("u", url).expect_err("an invalid URL").to_string();
+            assert!(e.starts_with(&format!("u: {expected}")), "for {url:?}: {e:?}");
+            assert!(!e.contains("s3cret") && !e.contains("t0p") && !e.contains("admin"), "echoed: {e:?}");
+        }
+        assert_eq!(http_url("u", "https://user:pw@h.example/a?b=1").expect("valid").host_str(), Some("h.example"));
     }
 
     #[test]
@@ -600,7 +625,10 @@ mod tests {
             ),
             ("[kinds.a]\nhandler = \"exec\"\nshell = \"x\"\nnon_retryable_exit_codes = [0]", "kinds.a.non_retryable"),
             ("[kinds.a]\nhandler = \"http\"", "kinds.a.url: missing"),
-            ("[kinds.a]\nhandler = \"http\"\nurl = \"nope\"", "kinds.a.url: \"nope\" is not a URL"),
+            (
+                "[kinds.a]\nhandler = \"http\"\nurl = \"nope\"",
+                "kinds.a.url: not a valid URL (relative URL without a base)",
+            ),
             ("[kinds.a]\nhandler = \"http\"\nurl = \"http://x\"\ntimeout = \"soon\"", "kinds.a.timeout: \"soon\""),
             (
                 "[kinds.a]\nhandler = \"http\"\nurl = \"http://x\"\nshell = \"x\"",

@@ -9,6 +9,7 @@ use worker_agent::config::{Args, Settings};
 async fn main() -> ExitCode {
     let args = Args::parse();
     worker_agent::init_logging(args.log_json);
+    hide_from_jobs();
     let settings = match Settings::from_args(args) {
         Ok(settings) => settings,
         Err(e) => {
@@ -22,5 +23,16 @@ async fn main() -> ExitCode {
             tracing::error!("{e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Jobs' commands run as the agent's user, so they could read the agent's token from `/proc/<agent>/environ` or
+/// its memory. A process that is not dumpable has those files owned by root (and writes no core dump); its
+/// children are dumpable again once they exec.
+fn hide_from_jobs() {
+    // SAFETY: prctl(PR_SET_DUMPABLE) sets a flag of this process from plain integers and touches no memory of ours.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        let error = std::io::Error::last_os_error();
+        tracing::warn!(%error, "could not hide the agent's environment from its jobs (prctl PR_SET_DUMPABLE)");
     }
 }

@@ -369,6 +369,28 @@ async fn http_callback_with_a_payload_that_is_not_json_fails_for_good() {
     assert!(server.requests().is_empty(), "nothing was sent");
 }
 
+#[tokio::test]
+async fn http_callback_with_a_bad_url_says_what_is_wrong_without_echoing_the_url() {
+    let broker = start_broker().await;
+    let agent = agent(&broker, &["--http-callback"]);
+    let client = broker.client().await;
+
+    let cases = [
+        ("ftp://deploy:s3cret-password@files.example/drop?sig=s3cret-signature", "the URL has scheme ftp"),
+        ("http://deploy:s3cret-password@bad host/hook?sig=s3cret-signature", "not a valid URL"),
+    ];
+    for (url, problem) in cases {
+        let mut spec = job("webhook", serde_json::json!({"url": url, "data": "x"}).to_string());
+        spec.max_attempts = 5;
+        let id = enqueue_one(&broker, spec).await;
+        let done = wait_for_state(&client, &id, JobState::Failed, WAIT).await;
+        assert_eq!(done.attempt, 1, "a bad URL is not retried");
+        assert!(done.last_error.starts_with(&format!("payload.url: {problem}")), "{:?}", done.last_error);
+        assert!(!done.last_error.contains("s3cret"), "the URL is not echoed: {:?}", done.last_error);
+    }
+    assert!(!agent.log().contains("s3cret"), "nor logged: {}", agent.log());
+}
+
 // ---- per-kind configuration ----
 
 #[tokio::test]

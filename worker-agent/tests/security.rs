@@ -1,6 +1,6 @@
 //! The real `worker-agent` binary against a broker that requires bearer tokens and mutual TLS: with its token
 //! (from the environment), the CA and a client certificate it runs jobs; with a wrong token it is refused, says so
-//! in its log and gets no job. Certificates are made by the test.
+//! in its log and gets no job; the commands it runs do not get its token. Certificates are made by the test.
 
 mod support;
 
@@ -72,5 +72,39 @@ async fn the_agent_works_with_a_token_and_mutual_tls() {
     let job = watch_to_the_end(&producer, &url, &id).await;
     assert_eq!((job.state(), job.result.as_slice()), (pb::JobState::Succeeded, b"HELLO".as_slice()));
     assert_eq!(job.worker_id, "trusted", "only the agent with a valid token ran it");
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn exec_commands_do_not_inherit_the_agents_token() {
+    let mut settings = fast_settings(test_database().await);
+    settings.security.tokens.add(Role::Worker, WORKER_TOKEN, "test").expect("a valid token");
+    settings.security.tokens.add(Role::Producer, PRODUCER_TOKEN, "test").expect("a valid token");
+    let broker = TestBroker::start(settings).await;
+    let producer = ConnectOptions::default().with_token(PRODUCER_TOKEN).expect("a valid token");
+    // The command's whole environment, the variable by name, then the agent's own environment through /proc.
+    let script = r#"env; echo "token=${JOBBROKER_TOKEN:-absent}"; cat /proc/$PPID/environ 2>&1 | tr '\0' '\n'"#;
+    // As in a pod, the agent is not root (root may read any process's environment): the tests may run as root,
+    // so the agent then runs as `nobody`.
+    let agent = env!("CARGO_BIN_EXE_worker-agent");
+    let root = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").expect("/proc")) == 0;
+    let mut command = tokio::process::Command::new(if root { "setpriv" } else { agent });
+    if root {
+        command.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--", agent]);
+    }
+    command.args(["--broker", &broker.url, "--queue", "secure", "--exec", script]);
+    command.env("JOBBROKER_TOKEN", WORKER_TOKEN).env("RUST_LOG", "info");
+    let _agent = spawn_process("worker-agent", command);
+
+    let mut client = producer.connect(broker.url.clone()).await.expect("the producer connects");
+    let jobs = vec![pb::JobSpec::new("secure", "env", Vec::new())];
+    let id = client.enqueue(pb::EnqueueRequest { jobs }).await.expect("enqueued").into_inner().jobs[0].id.clone();
+    let job = watch_to_the_end(&producer, &broker.url, &id).await;
+    assert_eq!(job.state(), pb::JobState::Succeeded, "the agent authenticated with its token: {job:#?}");
+    let environment = String::from_utf8_lossy(&job.result);
+    assert!(environment.contains(&format!("JOB_ID={id}")), "the result is the command's environment: {environment}");
+    assert!(environment.contains("\ntoken=absent\n"), "{environment}");
+    assert!(environment.contains("Permission denied"), "the agent's /proc environ is closed: {environment}");
+    assert!(!environment.contains(WORKER_TOKEN), "the token leaked to the command: {environment}");
     broker.stop().await;
 }

@@ -1,6 +1,9 @@
 //! The `exec` handler: runs a command per job in its own process group, the payload on stdin, the job's ids,
 //! metadata and trace context in the environment; the exit code decides the outcome, stdout is the result.
 //!
+//! The agent's bearer token (`JOBBROKER_TOKEN`) is taken out of that environment: a job's command does not
+//! inherit the worker's credential.
+//!
 //! Progress protocol: a line `##jobbroker:progress <percent> <message>` on stderr is forwarded on the next
 //! heartbeat (and kept out of the error text). When the job must stop, the whole process group is SIGKILLed at
 //! once; when the command exits, whatever it left running in its group is killed too.
@@ -11,7 +14,10 @@ use std::{
     time::Duration,
 };
 
-use jobbroker::worker::{ActiveJob, Outcome};
+use jobbroker::{
+    client::TOKEN_VARIABLE,
+    worker::{ActiveJob, Outcome},
+};
 use tokio::{
     io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _},
     process::{ChildStderr, Command},
@@ -63,7 +69,9 @@ impl Exec {
             .env("JOB_KIND", job.kind())
             .env("JOB_QUEUE", job.queue())
             .env("JOB_ATTEMPT", job.attempt().to_string())
-            .env("JOB_LEASE_ID", job.lease_id());
+            .env("JOB_LEASE_ID", job.lease_id())
+            // The agent's own bearer token (a handler's configured `env` may still set one on purpose).
+            .env_remove(TOKEN_VARIABLE);
         for (key, value) in job.metadata() {
             command.env(format!("JOB_META_{}", env_name(key)), value);
         }

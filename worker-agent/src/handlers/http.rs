@@ -303,8 +303,8 @@ mod tests {
             (b"[1, 2]", "the payload is not a JSON object"),
             (br#"{"data": 1}"#, "payload.url: missing"),
             (br#"{"url": 5, "data": 1}"#, "payload.url: must be a string"),
-            (br#"{"url": "ftp://h/x", "data": 1}"#, "payload.url: \"ftp://h/x\" must be an http"),
-            (br#"{"url": "nope", "data": 1}"#, "payload.url: \"nope\" is not a URL"),
+            (br#"{"url": "ftp://h/x", "data": 1}"#, "payload.url: the URL has scheme ftp; expected http"),
+            (br#"{"url": "nope", "data": 1}"#, "payload.url: not a valid URL (relative URL without a base)"),
             (br#"{"url": "http://h/x"}"#, "payload.data: missing"),
         ];
         for (payload, expected) in cases {

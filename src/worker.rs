@@ -39,6 +39,8 @@ use crate::{
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
 /// Pause between attempts to report a completion while no broker answers.
 const COMPLETE_RETRY: Duration = Duration::from_millis(500);
+/// How long a leaving worker waits for the broker to end its stream.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest progress message the broker accepts (SPEC limits).
 const MAX_PROGRESS_MESSAGE: usize = 1024;
 /// Most leases one Heartbeat names (the broker's default `--max-leases-per-heartbeat`) until a broker refuses that
@@ -386,7 +388,9 @@ async fn session<H: Handler>(
         held_lease_ids: held,
     };
     let _ = requests.send(pb::LeaseRequest { request: Some(lease_request::Request::Register(register)) }).await;
-    let mut inbound = client.lease(ReceiverStream::new(outbound)).await?.into_inner();
+    // A request without a message is the end of the stream (see `leave`).
+    let outbound = ReceiverStream::new(outbound).take_while(|request| request.request.is_some());
+    let mut inbound = client.lease(outbound).await?.into_inner();
     tracing::info!(broker = %address, worker = %shared.options.worker_id, "connected");
     let link = Link { client, requests, answers: Arc::new(Mutex::new(Some(HashMap::new()))) };
     shared.link.send_replace(Some(link.clone()));
@@ -394,6 +398,7 @@ async fn session<H: Handler>(
     let mut drain_sent = draining;
     loop {
         if done(shared, control) {
+            leave(link, inbound).await;
             return Ok(());
         }
         let message = tokio::select! {
@@ -426,6 +431,29 @@ async fn session<H: Handler>(
             Some(Err(status)) => return Err(status),
             None => return Err(tonic::Status::unavailable("the broker closed the lease stream")),
         }
+    }
+}
+
+/// Leaves the broker cleanly: closing the sending side tells it to assign no more and end the stream. An assignment
+/// already on its way when the worker stopped arrives meanwhile and is released (no attempt used), where closing
+/// the connection would have cost it an attempt and the reconnect grace.
+async fn leave(link: Link, mut inbound: tonic::Streaming<pb::LeaseResponse>) {
+    let _ = link.requests.send(pb::LeaseRequest { request: None }).await;
+    let mut client = link.client.clone();
+    let rest = async {
+        while let Some(Ok(response)) = inbound.next().await {
+            if let Some(lease_response::Response::Assignment(assignment)) = response.response {
+                let lease_id = assignment.lease_id;
+                let release = pb::CompleteRequest { lease_id, outcome: Some(Outcome::Release.into()) };
+                match client.complete(release).await {
+                    Ok(_) => tracing::info!("released a job assigned while the worker was stopping"),
+                    Err(status) => tracing::warn!(%status, "could not release a job assigned while stopping"),
+                }
+            }
+        }
+    };
+    if tokio::time::timeout(LEAVE_TIMEOUT, rest).await.is_err() {
+        tracing::debug!("the broker did not end the stream in time; leaving anyway");
     }
 }
 

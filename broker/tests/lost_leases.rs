@@ -175,6 +175,48 @@ async fn a_worker_that_half_closes_its_side_is_not_gone() {
 }
 
 #[tokio::test]
+async fn a_worker_that_leaves_at_capacity_0_gets_its_stream_ended_and_loses_nothing() {
+    let broker = TestBroker::start(settings(test_database().await)).await;
+    let mut client = broker.client().await;
+    let mut a = TestWorker::connect(client.clone(), "worker-a", &[QUEUE], 2).await;
+    enqueue(&mut client, vec![spec(Duration::from_secs(30))]).await;
+    let running = a.assignment(Duration::from_secs(5)).await;
+    let deadline = instant(running.lease_expires_at.as_ref());
+    // A second job is assigned while the worker decides to stop: on the wire, not yet read.
+    let in_flight_id = enqueue(&mut client, vec![spec(Duration::from_secs(30))]).await.remove(0);
+    wait_for("the second job to be leased", Duration::from_secs(5), || {
+        let mut client = client.clone();
+        let id = in_flight_id.clone();
+        async move { (get_job(&mut client, &id).await.state() == pb::JobState::Leased).then_some(()) }
+    })
+    .await;
+
+    a.set_capacity(0).await;
+    a.half_close();
+    let in_flight = a.assignment(Duration::from_secs(5)).await;
+    assert_eq!(in_flight.job.as_ref().map(|j| j.id.as_str()), Some(in_flight_id.as_str()));
+    let started = Instant::now();
+    assert!(a.next_message(Duration::from_secs(5)).await.is_none(), "nothing more arrives");
+    assert!(started.elapsed() < Duration::from_secs(2), "the broker ended the stream of a leaving worker");
+
+    // The in-flight job is given back unrun: no attempt used, no error, and another worker has it at once.
+    assert_eq!(a.complete(&in_flight.lease_id, release()).await.expect("released"), pb::JobState::Queued);
+    let job = get_job(&mut client, &in_flight_id).await;
+    assert_eq!((job.attempt, job.last_error.as_str()), (0, ""));
+    let mut b = TestWorker::connect(client.clone(), "worker-b", &[QUEUE], 1).await;
+    let taken = b.assignment(Duration::from_secs(2)).await.job.expect("a job");
+    assert_eq!((taken.id.as_str(), taken.attempt), (in_flight_id.as_str(), 1));
+
+    // The running lease kept its deadline past the reconnect grace, and the worker still owns it.
+    tokio::time::sleep(GRACE + Duration::from_millis(500)).await;
+    let status = a.heartbeat(&running.lease_id, None).await;
+    assert!(status.active, "a leaving worker keeps its running leases: {status:?}");
+    assert!(instant(status.lease_expires_at.as_ref()) >= deadline, "the lease was not shortened to the grace");
+    assert_eq!(a.succeed(&running.lease_id, b"done").await.expect("complete"), pb::JobState::Succeeded);
+    broker.stop().await;
+}
+
+#[tokio::test]
 async fn a_hung_worker_loses_its_lease_after_the_lease_ttl() {
     let broker = TestBroker::start(settings(test_database().await)).await;
     let mut client = broker.client().await;

@@ -74,6 +74,7 @@ fn lease_response(event: SessionEvent) -> Result<pb::LeaseResponse, Status> {
             R::Cancel(pb::CancelNotice { lease_id: lease_id.to_string(), job_id: job_id.to_string() })
         }
         SessionEvent::Closed(error) => return Err(error.into()),
+        SessionEvent::Ended => unreachable!("the stream ends before it"),
     };
     Ok(pb::LeaseResponse { response: Some(response) })
 }
@@ -107,10 +108,10 @@ async fn follow_stream(
     gone: CancellationToken,
 ) {
     use pb::lease_request::Request as R;
-    let mut reading = true;
+    let (mut reading, mut leaving) = (true, false);
     let mut completing = JoinSet::new();
     let most_completing = limits.max_stream_capacity.max(1) as usize;
-    loop {
+    while !(leaving && completing.is_empty()) {
         let message = tokio::select! {
             message = inbound.message(), if reading && completing.len() < most_completing => message,
             Some(answered) = completing.join_next() => {
@@ -151,9 +152,11 @@ async fn follow_stream(
                 Some(Error::invalid("register", "must be sent exactly once, as the first message"))
             }
             Ok(Some(pb::LeaseRequest { request: None })) => Some(Error::invalid("request", "must be set")),
-            // The worker closed its sending side; it may still be receiving.
+            // The worker closed its sending side. At capacity 0 it can receive nothing more: it is leaving. Otherwise
+            // (a grpcurl worker, say) it may still be receiving.
             Ok(None) => {
                 reading = false;
+                leaving = session.capacity() == 0;
                 None
             }
             Err(status) => {
@@ -167,7 +170,12 @@ async fn follow_stream(
     }
     // Completions already under way are applied; only their answers have nowhere to go.
     while completing.join_next().await.is_some() {}
-    broker.close_session(&session, true).await;
+    // A worker that left keeps its leases to their deadlines (it heartbeats and completes them by unary calls);
+    // an assignment the transport had already taken still reaches it, then the stream ends with OK.
+    broker.close_session(&session, !leaving).await;
+    if leaving {
+        session.end();
+    }
 }
 
 #[tonic::async_trait]
@@ -208,10 +216,12 @@ impl BrokerService for BrokerApi {
         let (answers, answered) = mpsc::channel(self.limits.max_stream_capacity.max(1) as usize);
         // An assignment goes out only if the transport takes it before the stream closes (see `Session`).
         let sender = session.clone();
-        let events = UnboundedReceiverStream::new(events).filter_map(move |event| match &event {
-            SessionEvent::Assigned { lease_id, .. } if !sender.take_assignment(*lease_id) => None,
-            _ => Some(lease_response(event)),
-        });
+        let events = UnboundedReceiverStream::new(events)
+            .take_while(|event| !matches!(event, SessionEvent::Ended))
+            .filter_map(move |event| match &event {
+                SessionEvent::Assigned { lease_id, .. } if !sender.take_assignment(*lease_id) => None,
+                _ => Some(lease_response(event)),
+            });
         let follow = follow_stream(self.broker.clone(), session, inbound, self.limits.clone(), answers, gone.clone());
         self.tracker.spawn(follow);
         // Answers travel small (a channel allocates room for a block of them at a time, not its whole bound) and

@@ -55,6 +55,8 @@ pub enum SessionEvent {
     },
     /// The broker is closing the stream (shutdown): reconnect elsewhere; leases stay valid.
     Closed(Error),
+    /// The session is closed after the worker closed its side: the stream ends without an error.
+    Ended,
 }
 
 /// A worker's Register message, validated.
@@ -107,6 +109,16 @@ impl Session {
     /// Ends the stream with `error` (a protocol violation by the worker).
     pub fn fail(&self, error: Error) {
         let _ = self.events.send(SessionEvent::Closed(error));
+    }
+
+    /// The stream's capacity as the worker last set it.
+    pub fn capacity(&self) -> u32 {
+        self.state.lock().expect("session lock").capacity
+    }
+
+    /// Ends the stream (after [`Dispatcher::close`]): what was sent before still goes out.
+    pub fn end(&self) {
+        let _ = self.events.send(SessionEvent::Ended);
     }
 
     /// The transport takes the assignment of `lease_id` off the channel to send it. False if the stream closed

@@ -100,6 +100,11 @@ pub struct ServeArgs {
     /// HTTP listen address of the Prometheus endpoint (`GET /metrics`), or `off`.
     #[arg(long, env = "JOBBROKER_METRICS_LISTEN", default_value = "0.0.0.0:9464")]
     pub metrics_listen: OffOr<SocketAddr>,
+    /// Most queues with series of their own in the metrics; queues seen after these are counted under the label
+    /// `queue="(other)"`, so producers inventing queue names cannot grow the broker's memory or Prometheus without
+    /// bound.
+    #[arg(long, env = "JOBBROKER_MAX_METRIC_QUEUES", default_value_t = 1000)]
+    pub max_metric_queues: usize,
     /// Largest number of Postgres connections this replica opens.
     #[arg(long, env = "JOBBROKER_DB_POOL_SIZE", default_value_t = 16)]
     pub db_pool_size: u32,
@@ -289,6 +294,7 @@ pub struct Settings {
     pub database_url: String,
     pub listen: SocketAddr,
     pub metrics: MetricsListen,
+    pub max_metric_queues: usize,
     pub db_pool_size: u32,
     pub db_acquire_timeout: Duration,
     pub migrate: bool,
@@ -439,6 +445,7 @@ impl ServeArgs {
             ("--writers", self.writers),
             ("--max-concurrent-streams", self.max_concurrent_streams as usize),
             ("--max-concurrent-requests", self.max_concurrent_requests),
+            ("--max-metric-queues", self.max_metric_queues),
         ];
         for (flag, value) in counts {
             if value == 0 {
@@ -466,6 +473,7 @@ impl ServeArgs {
             database_url,
             listen: self.listen,
             metrics: self.metrics_listen.0.map_or(MetricsListen::Off, MetricsListen::Address),
+            max_metric_queues: self.max_metric_queues,
             db_pool_size: self.db_pool_size,
             db_acquire_timeout: self.db_acquire_timeout,
             migrate: self.migrate,

@@ -2,11 +2,15 @@
 //! database at scrape time, and the small HTTP server that serves them as `GET /metrics` (text format 0.0.4).
 //!
 //! The domain calls [`Metrics`] with plain values (queue names, durations, outcomes) and never sees a prometheus
-//! type. Labels are queue names (validated, bounded by the number of queues) and small fixed sets (state,
-//! outcome, reason); never a job, lease or worker id. Counters and histograms count what this replica did;
+//! type. Labels are queue names (validated; the first `--max-metric-queues` seen by this replica, the rest
+//! together as `(other)`) and small fixed sets (state, outcome, reason); never a job, lease or worker id. Counters and histograms count what this replica did;
 //! the queue gauges describe the whole database, so every replica reports the same values.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashSet},
+    sync::{Arc, RwLock},
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use axum::{Router, extract::State, http::StatusCode, http::header::CONTENT_TYPE, response::IntoResponse};
@@ -31,6 +35,32 @@ const DURATION_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
     7200.0, 21600.0,
 ];
+
+/// The `queue` label of the queues past `--max-metric-queues` (no queue name can contain parentheses).
+const OTHER_QUEUES: &str = "(other)";
+
+/// Which queues have series of their own: the first `max` this replica saw.
+struct QueueLabels {
+    max: usize,
+    named: RwLock<HashSet<String>>,
+}
+
+impl QueueLabels {
+    fn label<'q>(&self, queue: &'q str) -> &'q str {
+        if self.named.read().expect("labels lock").contains(queue) {
+            return queue;
+        }
+        let mut named = self.named.write().expect("labels lock");
+        if named.len() < self.max {
+            named.insert(queue.to_owned());
+            queue
+        } else if named.contains(queue) {
+            queue
+        } else {
+            OTHER_QUEUES
+        }
+    }
+}
 
 /// How a worker's Complete ended its lease, as recorded (a cancel-requested job ends `cancelled` whatever it said).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,10 +129,12 @@ pub struct Metrics {
     pool_max_connections: IntGauge,
     /// One scrape at a time: the gauges read from the database are cleared and refilled by each.
     scrape: tokio::sync::Mutex<()>,
+    queues: QueueLabels,
 }
 
 impl Metrics {
-    pub fn new() -> Metrics {
+    /// Metrics with series for at most `max_queues` queues (the rest under [`OTHER_QUEUES`]).
+    pub fn new(max_queues: usize) -> Metrics {
         let registry = Registry::new();
         let histogram =
             |name: &str, help: &str, buckets: &[f64]| HistogramOpts::new(name, help).buckets(buckets.to_vec());
@@ -205,6 +237,7 @@ impl Metrics {
             ),
             registry,
             scrape: tokio::sync::Mutex::new(()),
+            queues: QueueLabels { max: max_queues, named: RwLock::default() },
         }
     }
 
@@ -212,7 +245,7 @@ impl Metrics {
     pub fn jobs_enqueued<'a>(&self, queues: impl IntoIterator<Item = &'a str>) {
         let mut counts: BTreeMap<&str, u64> = BTreeMap::new();
         for queue in queues {
-            *counts.entry(queue).or_default() += 1;
+            *counts.entry(self.queues.label(queue)).or_default() += 1;
         }
         for (queue, count) in counts {
             self.enqueued.with_label_values(&[queue]).inc_by(count);
@@ -221,6 +254,7 @@ impl Metrics {
 
     /// A lease delivered to a worker stream, `waited` after its job was due.
     pub fn job_leased(&self, queue: &str, waited: Option<Duration>) {
+        let queue = self.queues.label(queue);
         self.leased.with_label_values(&[queue]).inc();
         if let Some(waited) = waited {
             self.pickup_latency.with_label_values(&[queue]).observe(waited.as_secs_f64());
@@ -229,7 +263,7 @@ impl Metrics {
 
     /// A worker completed a lease it had held for `held` (unknown for leases granted before it was recorded).
     pub fn lease_completed(&self, queue: &str, completion: Completion, held: Option<Duration>) {
-        let labels = [queue, completion.as_str()];
+        let labels = [self.queues.label(queue), completion.as_str()];
         self.completed.with_label_values(&labels).inc();
         if let Some(held) = held {
             self.job_duration.with_label_values(&labels).observe(held.as_secs_f64());
@@ -237,7 +271,7 @@ impl Metrics {
     }
 
     pub fn lease_lost(&self, queue: &str, reason: LostReason) {
-        self.leases_lost.with_label_values(&[queue, reason.as_str()]).inc();
+        self.leases_lost.with_label_values(&[self.queues.label(queue), reason.as_str()]).inc();
     }
 
     pub fn worker_connected(&self) {
@@ -256,14 +290,15 @@ impl Metrics {
         self.oldest_queued_age.reset();
         match store.queue_depths().await {
             Ok(depths) => {
-                for depth in depths {
-                    let queue = depth.queue.as_str();
+                for depth in &depths {
+                    let queue = self.queues.label(&depth.queue);
                     for (state, count) in
                         [("queued", depth.queued), ("scheduled", depth.scheduled), ("leased", depth.leased)]
                     {
-                        self.queue_jobs.with_label_values(&[queue, state]).set(count);
+                        self.queue_jobs.with_label_values(&[queue, state]).add(count);
                     }
-                    self.oldest_queued_age.with_label_values(&[queue]).set(depth.oldest_queued_age);
+                    let oldest = self.oldest_queued_age.with_label_values(&[queue]);
+                    oldest.set(oldest.get().max(depth.oldest_queued_age));
                 }
             }
             Err(error) => tracing::warn!(%error, "cannot read queue depths for the metrics scrape"),
@@ -281,12 +316,6 @@ fn register<C: Collector + Clone + 'static>(registry: &Registry, metric: prometh
     let metric = metric.expect("a valid metric definition");
     registry.register(Box::new(metric.clone())).expect("each metric is registered once");
     metric
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        Metrics::new()
-    }
 }
 
 /// Binds the metrics listener (before anything else starts, so a taken port fails start-up); `None` when off.

@@ -5,7 +5,7 @@
 mod common;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     io::Write as _,
     path::PathBuf,
     process::{Command, Stdio},
@@ -333,4 +333,32 @@ async fn the_metrics_endpoint_serves_only_metrics_and_stops_with_the_broker() {
     let url = broker.metrics_url.clone();
     broker.stop().await;
     assert!(reqwest::get(&url).await.is_err(), "the metrics endpoint outlived the broker");
+}
+
+#[tokio::test]
+async fn queues_past_the_metric_limit_share_one_series() {
+    let mut settings = Settings::with_database(test_database().await);
+    settings.max_metric_queues = 2;
+    let broker = TestBroker::start(settings).await;
+    let mut client = broker.client().await;
+    for queue in ["named-a", "named-b", "extra-c", "extra-c", "extra-d"] {
+        enqueue(&mut client, vec![spec(queue, "k")]).await;
+    }
+    let scraped = scrape(&broker).await;
+    let enqueued = |queue| scraped.value("jobbroker_jobs_enqueued_total", &[("queue", queue)]);
+    assert_eq!([enqueued("named-a"), enqueued("named-b"), enqueued("(other)")], [1.0, 1.0, 3.0]);
+    let names: HashSet<&str> = scraped.samples.iter().filter_map(|s| s.labels.get("queue")).collect();
+    assert_eq!(names, HashSet::from(["named-a", "named-b", "(other)"]), "no series of their own past the limit");
+    assert_eq!(scraped.depth("(other)"), [3.0, 0.0, 0.0], "the depth gauges add the other queues up");
+    assert_eq!(scraped.depth("named-a"), [1.0, 0.0, 0.0]);
+
+    // A worker on an extra queue counts under (other) too.
+    let mut worker = TestWorker::connect(broker.client().await, "w", &["extra-d"], 1).await;
+    let lease = worker.assignment(WAIT).await.lease_id;
+    worker.succeed(&lease, b"").await.expect("succeed");
+    let scraped = scrape(&broker).await;
+    let completed = [("queue", "(other)"), ("outcome", "succeeded")];
+    assert_eq!(scraped.value("jobbroker_jobs_completed_total", &completed), 1.0);
+    assert_eq!(scraped.value("jobbroker_jobs_leased_total", &[("queue", "(other)")]), 1.0);
+    broker.stop().await;
 }

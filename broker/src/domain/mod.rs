@@ -61,7 +61,7 @@ impl Broker {
     /// Starts the batchers, dispatcher and background tasks on `tracker`; they stop when `shutdown` fires.
     pub fn start(store: Store, settings: Settings, tracker: TaskTracker, shutdown: CancellationToken) -> Arc<Broker> {
         let watchers = Arc::new(Watchers::default());
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::new(settings.max_metric_queues));
         let bounds = Arc::new(QueueBounds::default());
         // Hostname plus a per-start id, as workers name themselves: a restarted pod keeps its hostname.
         let replica = jobbroker::worker::default_worker_id();

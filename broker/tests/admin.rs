@@ -101,10 +101,28 @@ async fn queue_stats_count_every_state_and_list_queues_names_them() {
     assert_eq!(waiting.queued, 1);
 
     enqueue(&mut client, vec![pb::JobSpec::new("another", "k", b"x".to_vec())]).await;
-    let listed = admin.list_queues(pb::ListQueuesRequest {}).await.expect("list queues").into_inner().queues;
+    let listed = admin.list_queues(pb::ListQueuesRequest::default()).await.expect("list queues").into_inner().queues;
     let names: Vec<&str> = listed.iter().map(|q| q.queue.as_str()).collect();
     assert_eq!(names, ["another", "stats"], "sorted by name");
     assert_eq!(listed[0].queued, 1);
+
+    // Paged: one queue per page, each page continuing after the previous one's last name.
+    enqueue(&mut client, vec![pb::JobSpec::new("third", "k", b"x".to_vec())]).await;
+    let (mut pages, mut page_token) = (Vec::new(), String::new());
+    loop {
+        let request = pb::ListQueuesRequest { page_size: 1, page_token };
+        let page = admin.list_queues(request).await.expect("a page of queues").into_inner();
+        pages.push(page.queues.iter().map(|q| q.queue.clone()).collect::<Vec<_>>());
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    assert_eq!(pages, [["another"], ["stats"], ["third"]]);
+    let too_big = admin.list_queues(pb::ListQueuesRequest { page_size: 1001, ..Default::default() }).await;
+    assert_eq!(field_of(&too_big.unwrap_err()), "page_size");
+    let bad_token = pb::ListQueuesRequest { page_token: "not a queue".into(), ..Default::default() };
+    assert_eq!(field_of(&admin.list_queues(bad_token).await.unwrap_err()), "page_token");
 
     let unknown = stats(&mut admin, "never-used").await;
     assert_eq!((unknown.queue.as_str(), unknown.queued, unknown.failed), ("never-used", 0, 0));

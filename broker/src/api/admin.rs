@@ -32,13 +32,18 @@ impl AdminApi {
         AdminApi { broker, max_page_size: limits.max_page_size, max_page_bytes: limits.max_page_bytes }
     }
 
+    /// A listing's page size: `default` for 0, at most `--max-page-size`.
+    fn page_size(&self, page_size: u32, default: u32) -> Result<u32, Status> {
+        match page_size {
+            0 => Ok(default.min(self.max_page_size)),
+            size if size <= self.max_page_size => Ok(size),
+            _ => Err(Error::invalid("page_size", format!("must be at most {}", self.max_page_size)).into()),
+        }
+    }
+
     /// A listing's page size (the default for 0) and where it continues (`None` for the first page).
     fn paging(&self, page_size: u32, page_token: &str) -> Result<(u32, Option<Uuid>), Status> {
-        let page_size = match page_size {
-            0 => DEFAULT_PAGE_SIZE.min(self.max_page_size),
-            size if size <= self.max_page_size => size,
-            _ => return Err(Error::invalid("page_size", format!("must be at most {}", self.max_page_size)).into()),
-        };
+        let page_size = self.page_size(page_size, DEFAULT_PAGE_SIZE)?;
         let after = match page_token {
             "" => None,
             token => Some(convert::uuid("page_token", token)?),
@@ -57,10 +62,23 @@ impl AdminService for AdminApi {
     #[tracing::instrument(skip_all)]
     async fn list_queues(
         &self,
-        _request: Request<pb::ListQueuesRequest>,
+        request: Request<pb::ListQueuesRequest>,
     ) -> Result<Response<pb::ListQueuesResponse>, Status> {
-        let queues = self.broker.queues().await?;
-        Ok(Response::new(pb::ListQueuesResponse { queues: queues.into_iter().map(convert::queue_stats).collect() }))
+        let request = request.into_inner();
+        // Queue stats are small: a page holds as many as a page may (all of them, for most brokers).
+        let page_size = self.page_size(request.page_size, self.max_page_size)?;
+        // The token is the last queue name of the previous page.
+        let after = (!request.page_token.is_empty()).then_some(request.page_token.as_str());
+        if let Some(after) = after {
+            convert::queue("page_token", after)?;
+        }
+        let (queues, more) = self.broker.queues(after, page_size).await?;
+        let next_page_token =
+            if more { queues.last().map(|q| q.queue.clone()).unwrap_or_default() } else { String::new() };
+        Ok(Response::new(pb::ListQueuesResponse {
+            queues: queues.into_iter().map(convert::queue_stats).collect(),
+            next_page_token,
+        }))
     }
 
     #[tracing::instrument(skip_all, fields(queue = %request.get_ref().queue))]

@@ -130,13 +130,16 @@ impl Depths {
 impl Broker {
     /// One queue's stats; zeros for a queue nobody used.
     pub async fn queue_stats(&self, queue: &str) -> Result<QueueStats> {
-        let stats = self.store.queue_stats(Some(queue)).await?.into_iter().next();
+        let stats = self.store.queue_stats(Some(queue), None, 1).await?.into_iter().next();
         Ok(stats.unwrap_or_else(|| QueueStats { queue: queue.to_owned(), ..QueueStats::default() }))
     }
 
-    /// Every queue that has jobs or settings.
-    pub async fn queues(&self) -> Result<Vec<QueueStats>> {
-        self.store.queue_stats(None).await
+    /// A page of the queues that have jobs or settings, by name, continuing after `after`; and whether more follow.
+    pub async fn queues(&self, after: Option<&str>, page_size: u32) -> Result<(Vec<QueueStats>, bool)> {
+        let mut queues = self.store.queue_stats(None, after, i64::from(page_size) + 1).await?;
+        let more = queues.len() > page_size as usize;
+        queues.truncate(page_size as usize);
+        Ok((queues, more))
     }
 
     /// A page of `queue`'s jobs, newest first, continuing below `after` (the previous page's last id): at most

@@ -42,8 +42,9 @@ fn count(row: &PgRow, column: &str) -> Result<u64, sqlx::Error> {
 }
 
 impl Store {
-    /// Stats of one queue (`Some`) or of every queue that has jobs or settings, sorted by name.
-    pub async fn queue_stats(&self, queue: Option<&str>) -> Result<Vec<QueueStats>> {
+    /// Stats of one queue (`Some`) or of the queues that have jobs or settings, sorted by name: at most `limit`,
+    /// those named after `after`.
+    pub async fn queue_stats(&self, queue: Option<&str>, after: Option<&str>, limit: i64) -> Result<Vec<QueueStats>> {
         let rows = sqlx::query(concat!(
             "WITH live AS (",
             live_depths!(),
@@ -63,9 +64,12 @@ impl Store {
                COALESCE(s.paused, false) AS paused, s.max_depth \
              FROM names n LEFT JOIN live l USING (queue) LEFT JOIN finished f USING (queue) \
                LEFT JOIN settings s USING (queue) \
-             ORDER BY n.queue"
+             WHERE $2::text IS NULL OR n.queue > $2 \
+             ORDER BY n.queue LIMIT $3"
         ))
         .bind(queue)
+        .bind(after)
+        .bind(limit)
         .fetch_all(&self.pool)
         .await?;
         rows.iter()

@@ -14,7 +14,15 @@ use crate::{
 };
 
 pub async fn queues(clients: &Clients, out: Output) -> Result<(), Error> {
-    let queues = clients.admin().list_queues(ListQueuesRequest {}).await?.into_inner().queues;
+    let (mut queues, mut page_token) = (Vec::new(), String::new());
+    loop {
+        let page = clients.admin().list_queues(ListQueuesRequest { page_size: 0, page_token }).await?.into_inner();
+        queues.extend(page.queues);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
     let json = json!({"queues": queues.iter().map(render::stats_json).collect::<Vec<_>>()});
     out.show(json, || render::stats_table(&queues));
     Ok(())

@@ -3,8 +3,9 @@
 //!
 //! The domain calls [`Metrics`] with plain values (queue names, durations, outcomes) and never sees a prometheus
 //! type. Labels are queue names (validated; the first `--max-metric-queues` seen by this replica, the rest
-//! together as `(other)`) and small fixed sets (state, outcome, reason); never a job, lease or worker id. Counters and histograms count what this replica did;
-//! the queue gauges describe the whole database, so every replica reports the same values.
+//! together as `(other)`) and small fixed sets (state, outcome, reason); never a job, lease or worker id. Counters
+//! and histograms count what this replica did; the queue gauges describe the whole database, so every replica
+//! reports the same values.
 
 use std::{
     collections::{BTreeMap, HashSet},

@@ -1,7 +1,8 @@
 //! Clients that misbehave, against a real broker: an oversized message, a thousand streams on one connection, a
 //! worker and a watcher that never read their streams, a worker that streams completions without reading their
-//! answers, a flood of Enqueues past the replica's request limit, and a database statement stuck on a lock. Each gets a clear error (or is simply not served), and the broker keeps
-//! serving everyone else promptly, and still shuts down.
+//! answers, a flood of Enqueues past the replica's request limit, and a database statement stuck on a lock. Each
+//! gets a clear error (or is simply not served), and the broker keeps serving everyone else promptly, and still
+//! shuts down.
 
 mod common;
 

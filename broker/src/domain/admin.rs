@@ -87,8 +87,7 @@ impl Depths {
         if bounded.is_empty() {
             return Ok(Depths(HashMap::new()));
         }
-        let caps: Vec<(String, u64)> = bounded.iter().map(|(q, max)| (q.clone(), max.saturating_add(1))).collect();
-        let depths: HashMap<String, u64> = store.queued_depths(&caps).await?.into_iter().collect();
+        let depths: HashMap<String, u64> = store.queued_depths(&bounded).await?.into_iter().collect();
         let room = |q: &String, max| Room { queued: depths.get(q).copied().unwrap_or(0), added: 0, max };
         Ok(Depths(bounded.into_iter().map(|(q, max)| (q.clone(), room(&q, max))).collect()))
     }

@@ -48,14 +48,16 @@ impl Store {
         let rows = sqlx::query(concat!(
             "WITH live AS (",
             live_depths!(),
-            " WHERE $1::text IS NULL OR queue = $1 GROUP BY queue), \
+            " WHERE ($1::text IS NULL OR queue = $1) AND ($2::text IS NULL OR queue > $2) GROUP BY queue), \
              finished AS ( \
                SELECT queue, \
                  count(*) FILTER (WHERE state = 'succeeded') AS succeeded, \
                  count(*) FILTER (WHERE state = 'failed') AS failed, \
                  count(*) FILTER (WHERE state = 'cancelled') AS cancelled \
-               FROM finished_jobs WHERE $1::text IS NULL OR queue = $1 GROUP BY queue), \
-             settings AS (SELECT name AS queue, paused, max_depth FROM queues WHERE $1::text IS NULL OR name = $1), \
+               FROM finished_jobs WHERE ($1::text IS NULL OR queue = $1) AND ($2::text IS NULL OR queue > $2) \
+               GROUP BY queue), \
+             settings AS (SELECT name AS queue, paused, max_depth FROM queues \
+               WHERE ($1::text IS NULL OR name = $1) AND ($2::text IS NULL OR name > $2)), \
              names AS (SELECT queue FROM live UNION SELECT queue FROM finished UNION SELECT queue FROM settings) \
              SELECT n.queue, COALESCE(l.queued, 0) AS queued, COALESCE(l.scheduled, 0) AS scheduled, \
                COALESCE(l.leased, 0) AS leased, COALESCE(f.succeeded, 0) AS succeeded, \
@@ -64,7 +66,6 @@ impl Store {
                COALESCE(s.paused, false) AS paused, s.max_depth \
              FROM names n LEFT JOIN live l USING (queue) LEFT JOIN finished f USING (queue) \
                LEFT JOIN settings s USING (queue) \
-             WHERE $2::text IS NULL OR n.queue > $2 \
              ORDER BY n.queue LIMIT $3"
         ))
         .bind(queue)
@@ -215,9 +216,9 @@ impl Store {
         Ok(rows.into_iter().map(|(name, depth)| (name, u64::try_from(depth).unwrap_or(0))).collect())
     }
 
-    /// Once per enqueue batch, bounded queues only: each queue's QUEUED jobs, counted up to its `cap`.
-    pub async fn queued_depths(&self, caps: &[(String, u64)]) -> Result<Vec<(String, u64)>> {
-        queued_depths(&self.pool, caps).await
+    /// Once per enqueue batch, bounded queues only: see [`queued_depths`].
+    pub async fn queued_depths(&self, bounds: &[(String, u64)]) -> Result<Vec<(String, u64)>> {
+        queued_depths(&self.pool, bounds).await
     }
 
     /// Records a new Lease stream.
@@ -344,18 +345,19 @@ fn cut_page<T>(
     Ok((items, more))
 }
 
-/// Each queue's QUEUED jobs, counted up to its `cap` (so a deep queue costs no more than its bound).
+/// The QUEUED jobs of each `(queue, max depth)`, counted up to one past the max: enough to tell a full queue, and
+/// a deep queue costs no more than its bound.
 pub(super) async fn queued_depths<'e>(
     executor: impl sqlx::PgExecutor<'e>,
-    caps: &[(String, u64)],
+    bounds: &[(String, u64)],
 ) -> Result<Vec<(String, u64)>> {
     let rows: Vec<(String, i64)> = sqlx::query_as(
         "SELECT c.name, (SELECT count(*) FROM ( \
            SELECT 1 FROM jobs WHERE queue = c.name AND state = 'queued' LIMIT c.cap) x) \
          FROM unnest($1::text[], $2::bigint[]) AS c(name, cap)",
     )
-    .bind(caps.iter().map(|(name, _)| name.as_str()).collect::<Vec<_>>())
-    .bind(caps.iter().map(|(_, cap)| i64::try_from(*cap).unwrap_or(i64::MAX)).collect::<Vec<_>>())
+    .bind(bounds.iter().map(|(name, _)| name.as_str()).collect::<Vec<_>>())
+    .bind(bounds.iter().map(|(_, max)| i64::try_from(max.saturating_add(1)).unwrap_or(i64::MAX)).collect::<Vec<_>>())
     .fetch_all(executor)
     .await?;
     Ok(rows.into_iter().map(|(name, depth)| (name, u64::try_from(depth).unwrap_or(0))).collect())

@@ -118,9 +118,9 @@ impl Store {
                     .execute(&mut *tx)
                     .await?;
             }
-            let caps: Vec<(String, u64)> = bounds.iter().map(|b| (b.queue.clone(), b.max.saturating_add(1))).collect();
+            let maxima: Vec<(String, u64)> = bounds.iter().map(|b| (b.queue.clone(), b.max)).collect();
             let depths: HashMap<String, u64> =
-                super::admin::queued_depths(&mut *tx, &caps).await?.into_iter().collect();
+                super::admin::queued_depths(&mut *tx, &maxima).await?.into_iter().collect();
             if bounds.iter().any(|b| depths.get(&b.queue).copied().unwrap_or(0) + b.adds > b.max) {
                 tx.rollback().await?;
                 return Ok(Inserted::Raced);

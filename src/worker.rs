@@ -439,7 +439,7 @@ async fn session<H: Handler>(
 /// the connection would have cost it an attempt and the reconnect grace.
 async fn leave(link: Link, mut inbound: tonic::Streaming<pb::LeaseResponse>) {
     let _ = link.requests.send(pb::LeaseRequest { request: None }).await;
-    let mut client = link.client.clone();
+    let mut client = link.client;
     let rest = async {
         while let Some(Ok(response)) = inbound.next().await {
             if let Some(lease_response::Response::Assignment(assignment)) = response.response {

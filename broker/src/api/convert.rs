@@ -55,10 +55,10 @@ impl Check {
 
     /// Text the store keeps as text: at most `max` bytes and no NUL character (Postgres text cannot hold one).
     fn text(&mut self, field: impl Into<String>, value: &str, max: usize) {
-        if value.len() > max {
-            self.fail(field, format!("must be at most {max} bytes (got {})", value.len()));
-        } else if value.contains('\0') {
+        if value.len() <= max && value.contains('\0') {
             self.fail(field, "must not contain a NUL character");
+        } else {
+            self.max_len(field, value.len(), max);
         }
     }
 

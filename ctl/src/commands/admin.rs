@@ -13,16 +13,30 @@ use crate::{
     render::{self, Output},
 };
 
-pub async fn queues(clients: &Clients, out: Output) -> Result<(), Error> {
-    let (mut queues, mut page_token) = (Vec::new(), String::new());
+/// Every item of a paged listing: `page` fetches the page a token names (empty: the first) and answers its items
+/// and the next token (empty on the last page).
+async fn all_pages<T, F, Fut>(mut page: F) -> Result<Vec<T>, Error>
+where
+    F: FnMut(String) -> Fut,
+    Fut: Future<Output = Result<(Vec<T>, String), Error>>,
+{
+    let (mut items, mut page_token) = (Vec::new(), String::new());
     loop {
-        let page = clients.admin().list_queues(ListQueuesRequest { page_size: 0, page_token }).await?.into_inner();
-        queues.extend(page.queues);
-        if page.next_page_token.is_empty() {
-            break;
+        let (more, next) = page(page_token).await?;
+        items.extend(more);
+        if next.is_empty() {
+            return Ok(items);
         }
-        page_token = page.next_page_token;
+        page_token = next;
     }
+}
+
+pub async fn queues(clients: &Clients, out: Output) -> Result<(), Error> {
+    let queues = all_pages(|page_token| async move {
+        let page = clients.admin().list_queues(ListQueuesRequest { page_size: 0, page_token }).await?.into_inner();
+        Ok((page.queues, page.next_page_token))
+    })
+    .await?;
     let json = json!({"queues": queues.iter().map(render::stats_json).collect::<Vec<_>>()});
     out.show(json, || render::stats_table(&queues));
     Ok(())
@@ -82,16 +96,15 @@ pub async fn max_depth(clients: &Clients, out: Output, queue: String, max_depth:
 
 /// Every connected worker: the broker pages the list, this follows the pages to the end.
 pub async fn workers(clients: &Clients, out: Output, queue: Option<String>) -> Result<(), Error> {
-    let (mut workers, mut page_token) = (Vec::new(), String::new());
-    loop {
-        let request = ListWorkersRequest { queue: queue.clone().unwrap_or_default(), page_size: 0, page_token };
-        let page = clients.admin().list_workers(request).await?.into_inner();
-        workers.extend(page.workers);
-        if page.next_page_token.is_empty() {
-            break;
+    let queue = queue.unwrap_or_default();
+    let workers = all_pages(|page_token| {
+        let request = ListWorkersRequest { queue: queue.clone(), page_size: 0, page_token };
+        async move {
+            let page = clients.admin().list_workers(request).await?.into_inner();
+            Ok((page.workers, page.next_page_token))
         }
-        page_token = page.next_page_token;
-    }
+    })
+    .await?;
     let json = json!({"workers": workers.iter().map(render::worker_json).collect::<Vec<_>>()});
     out.show(json, || render::workers_table(&workers));
     Ok(())

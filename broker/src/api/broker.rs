@@ -59,7 +59,8 @@ impl<S: Stream + Unpin> Stream for Guarded<S> {
     }
 }
 
-fn lease_response(event: SessionEvent) -> Result<pb::LeaseResponse, Status> {
+/// What the worker is sent for a session event; `None` for `Ended`, which ends the stream.
+fn lease_response(event: SessionEvent) -> Option<Result<pb::LeaseResponse, Status>> {
     use pb::lease_response::Response as R;
     let response = match event {
         SessionEvent::Assigned { lease_id, lease_expires_at, heartbeat_interval, job } => {
@@ -73,10 +74,10 @@ fn lease_response(event: SessionEvent) -> Result<pb::LeaseResponse, Status> {
         SessionEvent::Cancel { lease_id, job_id } => {
             R::Cancel(pb::CancelNotice { lease_id: lease_id.to_string(), job_id: job_id.to_string() })
         }
-        SessionEvent::Closed(error) => return Err(error.into()),
-        SessionEvent::Ended => unreachable!("the stream ends before it"),
+        SessionEvent::Closed(error) => return Some(Err(error.into())),
+        SessionEvent::Ended => return None,
     };
-    Ok(pb::LeaseResponse { response: Some(response) })
+    Some(Ok(pb::LeaseResponse { response: Some(response) }))
 }
 
 /// The answer to a completion sent on the Lease stream: what the Complete RPC would have answered.
@@ -217,11 +218,11 @@ impl BrokerService for BrokerApi {
         // An assignment goes out only if the transport takes it before the stream closes (see `Session`).
         let sender = session.clone();
         let events = UnboundedReceiverStream::new(events)
-            .take_while(|event| !matches!(event, SessionEvent::Ended))
-            .filter_map(move |event| match &event {
-                SessionEvent::Assigned { lease_id, .. } if !sender.take_assignment(*lease_id) => None,
-                _ => Some(lease_response(event)),
-            });
+            .filter(move |event| match event {
+                SessionEvent::Assigned { lease_id, .. } => sender.take_assignment(*lease_id),
+                _ => true,
+            })
+            .map_while(lease_response);
         let follow = follow_stream(self.broker.clone(), session, inbound, self.limits.clone(), answers, gone.clone());
         self.tracker.spawn(follow);
         // Answers travel small (a channel allocates room for a block of them at a time, not its whole bound) and

@@ -26,6 +26,8 @@ pub async fn run(env: &Env, agent: &Path, jobs: usize, capacity: u32) -> anyhow:
 
     let mut running = Agent::start(agent, address, "agent-exec", capacity, &["--exec", "true"]).await?;
     figures.push(Figure::new("agent.rss", "worker-agent RSS, connected and idle", running.rss("VmRSS")?, "MiB"));
+    let guard = running.guard()?.memory("VmRSS")?;
+    figures.push(Figure::new("agent.guard_rss", "worker-agent's process group guard RSS", guard, "MiB"));
     let cpu = running.cpu_seconds()?;
     figures.push(throughput(env, "agent-exec", jobs, &format!("exec `true`, capacity {capacity}")).await?);
     figures.push(running.cpu_per_job("exec", cpu, jobs)?);
@@ -83,6 +85,15 @@ impl Agent {
 
     fn proc(&self) -> anyhow::Result<Proc> {
         self.child.id().map(Proc).context("the agent has exited")
+    }
+
+    /// The process group guard an agent with an `exec` handler starts: its only child while no job runs.
+    fn guard(&self) -> anyhow::Result<Proc> {
+        let children = usage::children_of(self.proc()?.0)?;
+        match children[..] {
+            [guard] => Ok(guard),
+            _ => anyhow::bail!("an idle exec agent has {} child processes, not just its guard", children.len()),
+        }
     }
 
     fn rss(&self, field: &str) -> anyhow::Result<f64> {

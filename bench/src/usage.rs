@@ -84,16 +84,23 @@ fn clock_ticks() -> f64 {
 pub fn postgres_cpu(postmaster: u32) -> anyhow::Result<f64> {
     let main = Stat::read(postmaster)?;
     let mut total = main.own + main.reaped;
-    for entry in std::fs::read_dir("/proc")? {
-        let Some(pid) = entry?.file_name().to_str().and_then(|name| name.parse::<u32>().ok()) else { continue };
+    for backend in children_of(postmaster)? {
         // A backend may exit between listing and reading; it is then counted in `reaped` next time.
-        if let Ok(stat) = Stat::read(pid)
-            && stat.parent == postmaster
-        {
-            total += stat.own;
-        }
+        total += Stat::read(backend.0).map_or(0.0, |stat| stat.own);
     }
     Ok(total)
+}
+
+/// The live child processes of `parent`.
+pub fn children_of(parent: u32) -> anyhow::Result<Vec<Proc>> {
+    let mut children = Vec::new();
+    for entry in std::fs::read_dir("/proc")? {
+        let Some(pid) = entry?.file_name().to_str().and_then(|name| name.parse::<u32>().ok()) else { continue };
+        if Stat::read(pid).is_ok_and(|stat| stat.parent == parent) {
+            children.push(Proc(pid));
+        }
+    }
+    Ok(children)
 }
 
 /// The postmaster of the backend with this pid, if that backend runs on this machine.

@@ -3,10 +3,22 @@
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use worker_agent::config::{Args, Settings};
+use worker_agent::{
+    config::{Args, Settings},
+    handlers::guard,
+};
+
+fn main() -> ExitCode {
+    // The agent starts a copy of itself as its process group guard (see `handlers::guard`).
+    let mut args = std::env::args_os().skip(1);
+    if args.next().is_some_and(|arg| arg == guard::GUARD_ARG) && args.next().is_none() {
+        return guard::serve();
+    }
+    agent()
+}
 
 #[tokio::main]
-async fn main() -> ExitCode {
+async fn agent() -> ExitCode {
     let args = Args::parse();
     worker_agent::init_logging(args.log_json);
     hide_from_jobs();

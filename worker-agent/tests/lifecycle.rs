@@ -1,5 +1,5 @@
-//! The agent's life among real processes and real signals: an agent killed mid-job (its job finishes elsewhere,
-//! exactly once), an agent frozen past its lease (its late result is refused and its job process killed once it
+//! The agent's life among real processes and real signals: an agent killed mid-job (its guard kills its command,
+//! its job finishes elsewhere exactly once), an agent frozen past its lease (its late result is refused and its job process killed once it
 //! wakes), SIGTERM drain and a second SIGTERM, a client's cancel, and a broker restart under running jobs.
 //!
 //! Every job here is a shell command run by `--exec`; it leaves marker files (pids, runs, start order) in a
@@ -135,17 +135,22 @@ async fn a_job_whose_agent_is_killed_is_finished_by_another_agent_exactly_once()
     let mut client = broker.client().await;
     let dir = Scratch::new();
 
-    // A records its pid and then works far longer than the test; B records the attempt it ran and answers.
-    let a_exec = dir.script("echo $$ > {dir}/a-$JOB_ID.pid; sleep 60; echo from-a");
+    // A records its pid and its child's and then works far longer than the test; B records the attempt it ran
+    // and answers.
+    let a_exec =
+        dir.script("sleep 60 & echo $! > {dir}/a-$JOB_ID.child; echo $$ > {dir}/a-$JOB_ID.pid; wait; echo from-a");
     let b_exec = dir.script("echo $JOB_ATTEMPT >> {dir}/b-$JOB_ID.runs; echo from-b");
     let mut a = agent(&broker, "agent-a", 1, &a_exec, &[]);
     let id = enqueue(&mut client, vec![spec("", LONG_TTL)]).await.remove(0);
-    let orphan = dir.pid(&format!("a-{id}.pid")).await;
+    let command = dir.pid(&format!("a-{id}.pid")).await;
+    let child = dir.pid(&format!("a-{id}.child")).await;
     let b = agent(&broker, "agent-b", 1, &b_exec, &[]);
 
     a.kill(libc::SIGKILL);
     let killed = Instant::now();
     assert!(!a.wait_exit(SOON).await.success());
+    // A could not stop its command, but its process group guard outlived it and killed the whole group.
+    wait_gone(&[command, child], "the killed agent's guard killed its command's process group").await;
     let job = wait_for_state(&client, &id, pb::JobState::Succeeded, EVENTUALLY).await;
     let elapsed = killed.elapsed();
     println!("finished by the second agent {elapsed:?} after the first was killed");
@@ -156,8 +161,6 @@ async fn a_job_whose_agent_is_killed_is_finished_by_another_agent_exactly_once()
     assert_eq!(dir.lines(&format!("b-{id}.runs")), ["2"], "the second agent ran the job once");
     // The closed stream (reconnect grace 1 s), not the 30 s lease TTL, freed the job.
     assert!(elapsed < LONG_TTL / 2, "the job was re-run only {elapsed:?} after its agent died");
-    // The killed agent's command is still running (at-least-once execution) but could report nothing.
-    assert!(process_alive(orphan), "the killed agent's job process kept running");
     assert_recorded_once(&database, &id, "succeeded", 2).await;
     drop(b);
     broker.stop().await;

@@ -6,11 +6,13 @@
 //!
 //! Progress protocol: a line `##jobbroker:progress <percent> <message>` on stderr is forwarded on the next
 //! heartbeat (and kept out of the error text). When the job must stop, the whole process group is SIGKILLed at
-//! once; when the command exits, whatever it left running in its group is killed too.
+//! once; when the command exits, whatever it left running in its group is killed too. While it runs, the group is
+//! in the care of the agent's [`Guard`], which kills it if the agent dies first.
 
 use std::{
     os::unix::process::ExitStatusExt as _,
     process::{ExitStatus, Stdio},
+    sync::Arc,
     time::Duration,
 };
 
@@ -24,7 +26,7 @@ use tokio::{
     time::Instant,
 };
 
-use super::{stopped, text};
+use super::{guard::Guard, stopped, text};
 use crate::config::{ExecSpec, Program};
 
 /// How much of stderr is kept for the error message.
@@ -39,11 +41,12 @@ const PROGRESS_PREFIX: &str = "##jobbroker:progress";
 pub struct Exec {
     spec: ExecSpec,
     max_output: usize,
+    guard: Arc<Guard>,
 }
 
 impl Exec {
-    pub fn new(spec: ExecSpec, max_output: usize) -> Exec {
-        Exec { spec, max_output }
+    pub fn new(spec: ExecSpec, max_output: usize, guard: Arc<Guard>) -> Exec {
+        Exec { spec, max_output, guard }
     }
 
     fn command(&self, job: &ActiveJob) -> Command {
@@ -94,8 +97,12 @@ impl Exec {
                 return Outcome::retry(format!("cannot start {}: {e}", self.describe()));
             }
         };
-        let group = child.id().and_then(|pid| i32::try_from(pid).ok());
-        tracing::debug!(pid = ?group, "command started");
+        // The command leads its own group (`process_group(0)`): the group's id is its pid.
+        let Some(group) = child.id().and_then(|pid| i32::try_from(pid).ok()) else {
+            return Outcome::retry(format!("lost track of {}", self.describe()));
+        };
+        tracing::debug!(pid = group, "command started");
+        let group = self.guard.watch(group);
         let (stdin, stdout, stderr) = (child.stdin.take(), child.stdout.take(), child.stderr.take());
         let mut output = Vec::new();
         let mut truncated = false;
@@ -126,14 +133,14 @@ impl Exec {
                 tokio::select! {
                     biased;
                     () = job.stopped() => {
-                        kill_group(group);
+                        group.kill();
                         let _ = child.wait().await;
                         tracing::info!(reason = ?job.stop_reason(), "command killed");
                         return stopped(job);
                     }
                     exit = child.wait(), if status.is_none() => {
                         status = Some(exit);
-                        kill_group(group);
+                        group.kill();
                         linger = Some(Instant::now() + PIPE_LINGER);
                     }
                     () = &mut io, if !io_done => io_done = true,
@@ -169,17 +176,6 @@ impl Exec {
         match &self.spec.program {
             Program::Argv(argv) => format!("`{}`", argv[0]),
             Program::Shell(_) => "`sh -c …`".into(),
-        }
-    }
-}
-
-/// SIGKILLs the whole process group `group` (the command and every process it started that stayed in it).
-fn kill_group(group: Option<i32>) {
-    if let Some(group) = group.filter(|&g| g > 0) {
-        // SAFETY: kill(2) takes plain integers and touches no memory of ours. A negative pid names the group
-        // the command leads (it was started with `process_group(0)`); ESRCH (nobody left) is fine.
-        unsafe {
-            libc::kill(-group, libc::SIGKILL);
         }
     }
 }

@@ -5,9 +5,13 @@
 //! job into an [`Outcome`] and returns promptly once the job is told to stop.
 
 pub mod exec;
+pub mod guard;
 pub mod http;
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::HashMap,
+    sync::{Arc, OnceLock},
+};
 
 use jobbroker::worker::{ActiveJob, Handler, Outcome, StopReason};
 use tokio::sync::Semaphore;
@@ -38,9 +42,14 @@ impl Dispatcher {
     pub fn new(handlers: Handlers, max_output_bytes: usize) -> Result<Dispatcher, reqwest::Error> {
         // One HTTP client (one connection pool) for every HTTP handler.
         let client = http::client()?;
+        // One guard for every command, started only if some kind runs commands.
+        let guard = OnceLock::new();
         let runner = |route: Route| {
             let handler = match route.handler {
-                HandlerSpec::Exec(spec) => Kind::Exec(exec::Exec::new(spec, max_output_bytes)),
+                HandlerSpec::Exec(spec) => {
+                    let guard = guard.get_or_init(|| Arc::new(guard::Guard::start()));
+                    Kind::Exec(exec::Exec::new(spec, max_output_bytes, guard.clone()))
+                }
                 HandlerSpec::Http(spec) => Kind::Http(http::Http::new(client.clone(), spec, max_output_bytes)),
                 HandlerSpec::HttpCallback(spec) => {
                     Kind::Callback(http::Callback::new(client.clone(), spec, max_output_bytes))

@@ -209,7 +209,7 @@ impl ActiveJob {
     }
 
     /// Records progress; sent with the next heartbeat. The message is cut to 1 KiB (the broker's default limit; a
-    /// heartbeat the broker refuses is sent again without progress).
+    /// heartbeat the broker refuses is sent again without progress, and the progress it carried is dropped).
     pub fn report_progress(&self, percent: u32, message: impl Into<String>) {
         let mut message = message.into();
         truncate_utf8(&mut message, MAX_PROGRESS_MESSAGE);
@@ -619,7 +619,8 @@ impl From<Outcome> for pb::complete_request::Outcome {
 /// cancelled.
 ///
 /// A slice the broker refuses as invalid is sent again without progress: one job's progress message (longer than
-/// the broker's `--max-progress-message-bytes`, or text it refuses) must not cost every lease in the slice. If
+/// the broker's `--max-progress-message-bytes`, or text it refuses) must not cost every lease in the slice. The
+/// progress it carried is dropped (the slice's jobs send progress again when they report more). If
 /// the broker refuses it even so, the slice holds more leases than its `--max-leases-per-heartbeat`: it is sent in
 /// halves, and the smaller size is kept for the periods after.
 async fn heartbeats(shared: Arc<Shared>, finished: CancellationToken) {
@@ -636,7 +637,8 @@ async fn heartbeats(shared: Arc<Shared>, finished: CancellationToken) {
         // Slices still to send, the next one last.
         let mut pending: Vec<&[ActiveJob]> = jobs.chunks(slice).rev().collect();
         while let Some(jobs) = pending.pop() {
-            let refused = match beat(&mut client, jobs, true).await {
+            let progress: Vec<_> = jobs.iter().map(|job| job.inner.progress.borrow().clone()).collect();
+            let refused = match beat(&mut client, jobs, Some(&progress)).await {
                 Err(status) if status.code() == Code::InvalidArgument => status,
                 answer => {
                     settle(&shared, jobs, answer);
@@ -649,7 +651,17 @@ async fn heartbeats(shared: Arc<Shared>, finished: CancellationToken) {
                 leases,
                 "the broker refused a heartbeat; sending it again without progress"
             );
-            match beat(&mut client, jobs, false).await {
+            // That progress is not sent again: only progress the jobs report after it.
+            for (job, refused) in jobs.iter().zip(progress) {
+                job.inner.progress.send_if_modified(|current| {
+                    let unchanged = refused.is_some() && *current == refused;
+                    if unchanged {
+                        *current = None;
+                    }
+                    unchanged
+                });
+            }
+            match beat(&mut client, jobs, None).await {
                 Err(status) if status.code() == Code::InvalidArgument && leases > 1 => {
                     let (first, second) = jobs.split_at(leases.div_ceil(2));
                     slice = slice.min(first.len());
@@ -667,13 +679,18 @@ async fn heartbeats(shared: Arc<Shared>, finished: CancellationToken) {
     }
 }
 
-/// One Heartbeat naming `jobs`' leases (with their progress, or without); the statuses in the same order.
-async fn beat(client: &mut Client, jobs: &[ActiveJob], progress: bool) -> Result<Vec<pb::LeaseStatus>, tonic::Status> {
+/// One Heartbeat naming `jobs`' leases, with `progress` (one per job) or without; the statuses in the same order.
+async fn beat(
+    client: &mut Client,
+    jobs: &[ActiveJob],
+    progress: Option<&[Option<pb::Progress>]>,
+) -> Result<Vec<pb::LeaseStatus>, tonic::Status> {
     let leases = jobs
         .iter()
-        .map(|job| pb::LeaseBeat {
+        .enumerate()
+        .map(|(i, job)| pb::LeaseBeat {
             lease_id: job.lease_id().to_owned(),
-            progress: if progress { job.inner.progress.borrow().clone() } else { None },
+            progress: progress.and_then(|progress| progress[i].clone()),
         })
         .collect();
     Ok(client.heartbeat(pb::HeartbeatRequest { leases }).await?.into_inner().leases)

@@ -54,6 +54,8 @@ async fn a_progress_message_the_broker_refuses_costs_no_lease() {
     assert_each_runs_once(&broker, &["short", "a message far longer than the broker's sixteen bytes"]).await;
     let log = agent.log();
     assert!(log.contains(WITHOUT_PROGRESS) && log.contains("progress.message"), "the warning names the field: {log}");
+    // The jobs ran for several heartbeat periods; the refused progress was sent once, not again every period.
+    assert_eq!(log.matches(WITHOUT_PROGRESS).count(), 1, "the refused progress was dropped: {log}");
 }
 
 #[tokio::test]

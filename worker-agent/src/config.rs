@@ -6,6 +6,8 @@
 
 use std::{
     collections::BTreeMap,
+    ffi::{CStr, CString, OsStr},
+    os::unix::ffi::OsStrExt as _,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -57,6 +59,10 @@ pub struct Args {
     /// Default handler: run this shell command (`sh -c`) with the payload on stdin.
     #[arg(long, env = "JOBBROKER_EXEC", value_name = "SHELL COMMAND")]
     pub exec: Option<String>,
+    /// Run every `exec` command as this user (a name or a uid), with its primary group, no supplementary groups
+    /// and its HOME. The agent must run as root to switch users.
+    #[arg(long, env = "JOBBROKER_EXEC_USER", value_name = "USER")]
+    pub exec_user: Option<String>,
     /// Default handler: POST the payload to this URL.
     #[arg(long = "http", env = "JOBBROKER_HTTP_URL", value_name = "URL")]
     pub http: Option<String>,
@@ -82,6 +88,8 @@ pub struct Args {
 pub struct Settings {
     pub worker: WorkerOptions,
     pub handlers: Handlers,
+    /// Whom `exec` commands run as; `None`: the agent's own user.
+    pub exec_user: Option<ExecUser>,
     pub drain_grace: Duration,
     pub max_output_bytes: usize,
     pub log_json: bool,
@@ -116,6 +124,74 @@ pub struct ExecSpec {
     pub non_retryable_exit_codes: Vec<i32>,
     /// Extra environment, set after the `JOB_*` variables (so it may override them).
     pub env: BTreeMap<String, String>,
+}
+
+/// A user `exec` commands run as (`--exec-user`), looked up at start.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExecUser {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub home: PathBuf,
+}
+
+impl ExecUser {
+    /// Looks `user` up in the user database (`getpwnam`, or `getpwuid` for a number), and checks that this
+    /// process may run commands as it.
+    pub fn lookup(user: &str) -> Result<ExecUser, ConfigError> {
+        let key = "--exec-user";
+        let found = match user.parse::<u32>() {
+            Ok(uid) => passwd_entry(|entry, buf, len, result| {
+                // SAFETY: every pointer is to a live local of `passwd_entry` with `len` bytes behind `buf`.
+                unsafe { libc::getpwuid_r(uid, entry, buf, len, result) }
+            }),
+            Err(_) => {
+                let name = CString::new(user).map_err(|_| invalid(key, "must not contain a NUL"))?;
+                passwd_entry(|entry, buf, len, result| {
+                    // SAFETY: as above; `name` is a NUL-terminated string that outlives the call.
+                    unsafe { libc::getpwnam_r(name.as_ptr(), entry, buf, len, result) }
+                })
+            }
+        };
+        let found = found.map_err(|e| invalid(key, format!("cannot read the user database: {e}")))?;
+        let user = found.ok_or_else(|| invalid(key, format!("no user {user:?} on this machine")))?;
+        // SAFETY: geteuid(2) cannot fail and touches no memory.
+        let me = unsafe { libc::geteuid() };
+        if me != 0 && me != user.uid {
+            return Err(invalid(
+                key,
+                format!("the agent runs as uid {me}, not root, and cannot run commands as another user"),
+            ));
+        }
+        Ok(user)
+    }
+}
+
+/// Calls a `getpw*_r` function with room for its strings (growing it on ERANGE); `None` if there is no such user.
+fn passwd_entry(
+    call: impl Fn(*mut libc::passwd, *mut libc::c_char, libc::size_t, *mut *mut libc::passwd) -> libc::c_int,
+) -> std::io::Result<Option<ExecUser>> {
+    let mut buf = vec![0 as libc::c_char; 1024];
+    loop {
+        // SAFETY: `passwd` is plain old data; all-zero is a valid value to be overwritten.
+        let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut result = std::ptr::null_mut();
+        match call(&mut entry, buf.as_mut_ptr(), buf.len(), &mut result) {
+            libc::ERANGE if buf.len() < 1 << 20 => buf.resize(buf.len() * 2, 0),
+            0 if result.is_null() => return Ok(None),
+            0 => {
+                // SAFETY: on success the string fields point to NUL-terminated strings inside `buf`.
+                let text = |field: *const libc::c_char| unsafe { CStr::from_ptr(field) };
+                return Ok(Some(ExecUser {
+                    name: text(entry.pw_name).to_string_lossy().into_owned(),
+                    uid: entry.pw_uid,
+                    gid: entry.pw_gid,
+                    home: PathBuf::from(OsStr::from_bytes(text(entry.pw_dir).to_bytes())),
+                }));
+            }
+            error => return Err(std::io::Error::from_raw_os_error(error)),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -260,9 +336,11 @@ impl Settings {
                 "no handler: pass --exec, --http or --http-callback, or a --config file with [kinds.*] or [default]",
             ));
         }
+        let exec_user = args.exec_user.as_deref().map(ExecUser::lookup).transpose()?;
         Ok(Settings {
             worker,
             handlers,
+            exec_user,
             drain_grace: args.drain_grace,
             max_output_bytes: args.max_output_bytes,
             log_json: args.log_json,
@@ -555,6 +633,29 @@ mod tests {
         assert!(error(&["--exec", "true"], "queues = [\"q\"]\ncapacity = 0").starts_with("capacity:"));
         assert!(error(&["--queue", "bad queue", "--exec", "true"], "").starts_with("--queue: \"bad queue\""));
         assert!(error(&["--queue", "q", "--exec", "true", "--broker", "ftp://b:1"], "").starts_with("--broker:"));
+    }
+
+    #[test]
+    fn exec_user_is_looked_up_and_checked() {
+        let with = |user: &str| settings(&["--queue", "q", "--exec", "id", "--exec-user", user], "");
+        // SAFETY: geteuid(2) cannot fail and touches no memory.
+        let me = unsafe { libc::geteuid() };
+        let by_uid = with(&me.to_string()).expect("the agent's own uid").exec_user.expect("a user");
+        assert_eq!(by_uid.uid, me);
+        let by_name = with(&by_uid.name).expect("the agent's own user name").exec_user.expect("a user");
+        assert_eq!(by_name, by_uid);
+        assert!(settings(&["--queue", "q", "--exec", "id"], "").expect("valid").exec_user.is_none());
+
+        let e = with("no-such-user-4f1").expect_err("an unknown user").to_string();
+        assert_eq!(e, "--exec-user: no user \"no-such-user-4f1\" on this machine");
+        let other = if me == 0 { "nobody" } else { "root" };
+        match with(other) {
+            Ok(s) => assert!(me == 0 && s.exec_user.is_some_and(|u| u.name == "nobody" && u.uid != 0)),
+            Err(e) => {
+                assert!(me != 0, "root may run commands as anyone: {e}");
+                assert!(e.to_string().contains("cannot run commands as another user"), "{e}");
+            }
+        }
     }
 
     #[test]

@@ -38,8 +38,8 @@ pub fn init_logging(json: bool) {
 
 /// Runs the agent until it has drained after SIGTERM (or SIGINT).
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
-    let dispatcher =
-        Dispatcher::new(settings.handlers, settings.max_output_bytes).context("starting the HTTP client")?;
+    let dispatcher = Dispatcher::new(settings.handlers, settings.max_output_bytes, settings.exec_user)
+        .context("starting the HTTP client")?;
     let control = Control::default();
     let mut terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("listening for SIGINT")?;

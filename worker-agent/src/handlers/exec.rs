@@ -27,7 +27,7 @@ use tokio::{
 };
 
 use super::{guard::Guard, stopped, text};
-use crate::config::{ExecSpec, Program};
+use crate::config::{ExecSpec, ExecUser, Program};
 
 /// How much of stderr is kept for the error message.
 const STDERR_TAIL: usize = 4096;
@@ -40,13 +40,21 @@ const PROGRESS_PREFIX: &str = "##jobbroker:progress";
 
 pub struct Exec {
     spec: ExecSpec,
-    max_output: usize,
-    guard: Arc<Guard>,
+    shared: Arc<Shared>,
+}
+
+/// What every `exec` handler of an agent shares.
+pub struct Shared {
+    /// Bytes of stdout kept as the result.
+    pub max_output: usize,
+    pub guard: Guard,
+    /// Whom commands run as (`--exec-user`); `None`: the agent's user.
+    pub user: Option<ExecUser>,
 }
 
 impl Exec {
-    pub fn new(spec: ExecSpec, max_output: usize, guard: Arc<Guard>) -> Exec {
-        Exec { spec, max_output, guard }
+    pub fn new(spec: ExecSpec, shared: Arc<Shared>) -> Exec {
+        Exec { spec, shared }
     }
 
     fn command(&self, job: &ActiveJob) -> Command {
@@ -85,6 +93,11 @@ impl Exec {
                 None => command.env_remove(name),
             };
         }
+        if let Some(user) = &self.shared.user {
+            // std drops the supplementary groups too when it switches from root to `uid`.
+            command.uid(user.uid).gid(user.gid);
+            command.env("HOME", &user.home).env("USER", &user.name).env("LOGNAME", &user.name);
+        }
         command.envs(&self.spec.env);
         command
     }
@@ -102,7 +115,7 @@ impl Exec {
             return Outcome::retry(format!("lost track of {}", self.describe()));
         };
         tracing::debug!(pid = group, "command started");
-        let group = self.guard.watch(group);
+        let group = self.shared.guard.watch(group);
         let (stdin, stdout, stderr) = (child.stdin.take(), child.stdout.take(), child.stderr.take());
         let mut output = Vec::new();
         let mut truncated = false;
@@ -116,7 +129,7 @@ impl Exec {
             };
             let collect = async {
                 if let Some(stdout) = stdout {
-                    truncated = read_bounded(stdout, self.max_output, &mut output).await;
+                    truncated = read_bounded(stdout, self.shared.max_output, &mut output).await;
                 }
             };
             let watch = async {
@@ -158,7 +171,7 @@ impl Exec {
             None => return Outcome::retry(format!("lost track of {}", self.describe())),
         };
         if truncated {
-            tracing::warn!(max_output_bytes = self.max_output, "stdout truncated");
+            tracing::warn!(max_output_bytes = self.shared.max_output, "stdout truncated");
         }
         let outcome = exit_outcome(exit_of(status), output, &tail.text(), &self.spec.non_retryable_exit_codes);
         match &outcome {

@@ -16,7 +16,7 @@ use std::{
 use jobbroker::worker::{ActiveJob, Handler, Outcome, StopReason};
 use tokio::sync::Semaphore;
 
-use crate::config::{HandlerSpec, Handlers, Route};
+use crate::config::{ExecUser, HandlerSpec, Handlers, Route};
 
 /// Routes each job to the handler of its kind.
 pub struct Dispatcher {
@@ -39,16 +39,23 @@ enum Kind {
 }
 
 impl Dispatcher {
-    pub fn new(handlers: Handlers, max_output_bytes: usize) -> Result<Dispatcher, reqwest::Error> {
+    pub fn new(
+        handlers: Handlers,
+        max_output_bytes: usize,
+        exec_user: Option<ExecUser>,
+    ) -> Result<Dispatcher, reqwest::Error> {
         // One HTTP client (one connection pool) for every HTTP handler.
         let client = http::client()?;
-        // One guard for every command, started only if some kind runs commands.
-        let guard = OnceLock::new();
+        // One process group guard for every command, started only if some kind runs commands.
+        let exec = OnceLock::new();
         let runner = |route: Route| {
             let handler = match route.handler {
                 HandlerSpec::Exec(spec) => {
-                    let guard = guard.get_or_init(|| Arc::new(guard::Guard::start()));
-                    Kind::Exec(exec::Exec::new(spec, max_output_bytes, guard.clone()))
+                    let shared = exec.get_or_init(|| {
+                        let guard = guard::Guard::start();
+                        Arc::new(exec::Shared { max_output: max_output_bytes, guard, user: exec_user.clone() })
+                    });
+                    Kind::Exec(exec::Exec::new(spec, shared.clone()))
                 }
                 HandlerSpec::Http(spec) => Kind::Http(http::Http::new(client.clone(), spec, max_output_bytes)),
                 HandlerSpec::HttpCallback(spec) => {

@@ -15,5 +15,13 @@ pub mod v1 {
     tonic::include_proto!("jobbroker.v1");
 }
 
+/// Cuts `text` to at most `max` bytes, on a character boundary.
+pub fn truncate_utf8(text: &mut String, max: usize) {
+    if text.len() > max {
+        let end = (0..=max).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+        text.truncate(end);
+    }
+}
+
 /// Encoded `FileDescriptorSet` of every jobbroker proto, served by the broker's reflection service.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/jobbroker_descriptor.bin"));

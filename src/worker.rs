@@ -32,6 +32,7 @@ use tracing::Instrument as _;
 
 use crate::{
     client::{BrokerClient as Client, ConnectOptions},
+    truncate_utf8,
     v1::{self as pb, lease_request, lease_response},
 };
 
@@ -716,14 +717,6 @@ fn settle(shared: &Shared, jobs: &[ActiveJob], answer: Result<Vec<pb::LeaseStatu
         } else if status.cancel_requested {
             job.stop(StopReason::Cancelled);
         }
-    }
-}
-
-/// Cuts `text` to at most `max` bytes, on a character boundary.
-fn truncate_utf8(text: &mut String, max: usize) {
-    if text.len() > max {
-        let end = (0..=max).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
-        text.truncate(end);
     }
 }
 

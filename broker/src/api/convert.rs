@@ -337,11 +337,7 @@ pub fn complete_request(request: pb::CompleteRequest, limits: &Limits) -> Result
             // A failure is always recorded: its message is cut to size and a NUL (which text cannot hold, and
             // which a command's stderr may well carry) becomes U+FFFD.
             let mut message = failure.message.replace('\0', "\u{FFFD}");
-            let max = limits.max_error_message_bytes;
-            if message.len() > max {
-                let end = (0..=max).rev().find(|&i| message.is_char_boundary(i)).unwrap_or(0);
-                message.truncate(end);
-            }
+            jobbroker::truncate_utf8(&mut message, limits.max_error_message_bytes);
             Outcome::Failure { message, non_retryable: failure.non_retryable, retry_after }
         }
         Some(pb::complete_request::Outcome::Release(_)) => Outcome::Release,

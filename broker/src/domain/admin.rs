@@ -87,7 +87,8 @@ impl Depths {
         if bounded.is_empty() {
             return Ok(Depths(HashMap::new()));
         }
-        let depths: HashMap<String, u64> = store.queued_depths(&bounded).await?.into_iter().collect();
+        let names: Vec<(&str, u64)> = bounded.iter().map(|(q, max)| (q.as_str(), *max)).collect();
+        let depths: HashMap<String, u64> = store.queued_depths(&names).await?.into_iter().collect();
         let room = |q: &String, max| Room { queued: depths.get(q).copied().unwrap_or(0), added: 0, max };
         Ok(Depths(bounded.into_iter().map(|(q, max)| (q.clone(), room(&q, max))).collect()))
     }

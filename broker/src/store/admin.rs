@@ -217,7 +217,7 @@ impl Store {
     }
 
     /// Once per enqueue batch, bounded queues only: see [`queued_depths`].
-    pub async fn queued_depths(&self, bounds: &[(String, u64)]) -> Result<Vec<(String, u64)>> {
+    pub async fn queued_depths(&self, bounds: &[(&str, u64)]) -> Result<Vec<(String, u64)>> {
         queued_depths(&self.pool, bounds).await
     }
 
@@ -349,14 +349,14 @@ fn cut_page<T>(
 /// a deep queue costs no more than its bound.
 pub(super) async fn queued_depths<'e>(
     executor: impl sqlx::PgExecutor<'e>,
-    bounds: &[(String, u64)],
+    bounds: &[(&str, u64)],
 ) -> Result<Vec<(String, u64)>> {
     let rows: Vec<(String, i64)> = sqlx::query_as(
         "SELECT c.name, (SELECT count(*) FROM ( \
            SELECT 1 FROM jobs WHERE queue = c.name AND state = 'queued' LIMIT c.cap) x) \
          FROM unnest($1::text[], $2::bigint[]) AS c(name, cap)",
     )
-    .bind(bounds.iter().map(|(name, _)| name.as_str()).collect::<Vec<_>>())
+    .bind(bounds.iter().map(|(name, _)| *name).collect::<Vec<_>>())
     .bind(bounds.iter().map(|(_, max)| i64::try_from(max.saturating_add(1)).unwrap_or(i64::MAX)).collect::<Vec<_>>())
     .fetch_all(executor)
     .await?;

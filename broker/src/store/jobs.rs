@@ -118,7 +118,7 @@ impl Store {
                     .execute(&mut *tx)
                     .await?;
             }
-            let maxima: Vec<(String, u64)> = bounds.iter().map(|b| (b.queue.clone(), b.max)).collect();
+            let maxima: Vec<(&str, u64)> = bounds.iter().map(|b| (b.queue.as_str(), b.max)).collect();
             let depths: HashMap<String, u64> =
                 super::admin::queued_depths(&mut *tx, &maxima).await?.into_iter().collect();
             if bounds.iter().any(|b| depths.get(&b.queue).copied().unwrap_or(0) + b.adds > b.max) {
